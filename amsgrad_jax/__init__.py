@@ -1,0 +1,18 @@
+"""AMSGrad for Optax, with the exact update rule of PyTorch, Keras, Optax or the paper.
+
+Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
+"""
+
+from amsgrad_jax._aliases import amsgrad, amsgradw
+from amsgrad_jax._rules import CONVENTIONS
+from amsgrad_jax._transform import ScaleByAmsgradState, scale_by_amsgrad
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "CONVENTIONS",
+  "ScaleByAmsgradState",
+  "amsgrad",
+  "amsgradw",
+  "scale_by_amsgrad",
+]

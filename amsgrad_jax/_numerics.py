@@ -1,0 +1,107 @@
+"""Dtype handling shared by the XLA path and the native step.
+
+* Arithmetic happens in :func:`compute_dtype`: at least float32, and at least as
+  wide as the gradient and every state buffer of the leaf.
+* State is stored in the dtype chosen at ``init`` (the parameter's by default).
+  The running maximum is rounded *up* when stored narrower than it was computed,
+  so the stored maximum never falls below the true one and a step never grows
+  because of storage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.shard_alike import shard_alike
+
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def compute_dtype(*dtypes: Any) -> np.dtype:
+  """The dtype arithmetic happens in: float32 promoted with every dtype given."""
+  result = np.dtype(np.float32)
+  for dtype in dtypes:
+    result = jnp.promote_types(result, dtype)
+  return np.dtype(result)
+
+
+def real_dtype(dtype: Any) -> np.dtype:
+  """``float32`` for ``complex64``, ``float64`` for ``complex128``, else ``dtype``."""
+  return np.dtype(jnp.finfo(dtype).dtype)
+
+
+def state_dtype(param_dtype: Any, requested: np.dtype | None) -> np.dtype:
+  """The storage dtype of one state buffer for a parameter of ``param_dtype``.
+
+  ``requested`` (``mu_dtype`` / ``nu_dtype``) names the precision; a complex
+  parameter keeps complex state of that precision.
+  """
+  param_dtype = np.dtype(param_dtype)
+  if requested is None:
+    return param_dtype
+  param_is_complex = jnp.issubdtype(param_dtype, jnp.complexfloating)
+  requested_is_complex = jnp.issubdtype(requested, jnp.complexfloating)
+  if param_is_complex and not requested_is_complex:
+    counterpart = {np.dtype(np.float32): np.complex64, np.dtype(np.float64): np.complex128}
+    if requested not in counterpart:
+      raise ValueError(
+        f"complex parameters need complex state; there is no complex dtype of {requested} "
+        "precision (use float32 or float64)."
+      )
+    return np.dtype(counterpart[requested])
+  if requested_is_complex and not param_is_complex:
+    raise ValueError(f"real parameters need real state, got state dtype {requested}.")
+  return np.dtype(requested)
+
+
+def zeros_like_param(param: Any, dtype: np.dtype) -> jax.Array:
+  """Zeros shaped and sharded like ``param``, eagerly, under ``jit`` and abstractly.
+
+  Under ``jit`` in an ``Auto`` mesh a plain ``zeros_like`` carries no sharding,
+  and XLA would place it on one device; ``shard_alike`` ties it to ``param``.
+  """
+  if isinstance(param, jax.ShapeDtypeStruct):
+    return jnp.zeros(param.shape, dtype, device=param.sharding)
+  zeros = jnp.zeros_like(param, dtype=dtype)
+  if isinstance(param, jax.core.Tracer) and np.ndim(param) > 0:
+    _, zeros = shard_alike(param, zeros)
+  return zeros
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+  """``count + 1``, saturating at the int32 maximum instead of wrapping."""
+  return jnp.where(count < INT32_MAX, count + 1, count).astype(jnp.int32)
+
+
+def bias_corrections(b1: Any, b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """``(1 - b1**t, 1 - b2**t)`` in ``dtype``, with ``t = count`` (after increment)."""
+  t = count.astype(dtype)
+  return (
+    1.0 - jnp.power(jnp.asarray(b1, dtype), t),
+    1.0 - jnp.power(jnp.asarray(b2, dtype), t),
+  )
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+  """``|x|^2`` as a real array."""
+  if jnp.iscomplexobj(x):
+    return jnp.square(x.real) + jnp.square(x.imag)
+  return jnp.square(x)
+
+
+def cast_rounding_up(x: jax.Array, dtype: Any) -> jax.Array:
+  """Cast ``x`` to ``dtype``; where that loses precision, round toward +infinity."""
+  dtype = np.dtype(dtype)
+  if dtype == x.dtype or jnp.finfo(dtype).bits >= jnp.finfo(x.dtype).bits:
+    return x.astype(dtype)
+  if jnp.iscomplexobj(x):
+    part_dtype = real_dtype(dtype)
+    return jax.lax.complex(
+      cast_rounding_up(x.real, part_dtype), cast_rounding_up(x.imag, part_dtype)
+    )
+  nearest = x.astype(dtype)
+  too_low = nearest.astype(x.dtype) < x
+  return jnp.where(too_low, jnp.nextafter(nearest, jnp.asarray(jnp.inf, dtype)), nearest)

@@ -1,0 +1,226 @@
+"""``scale_by_amsgrad``: the AMSGrad gradient transformation and its state."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from amsgrad_jax import _numerics, _validation
+from amsgrad_jax._rules import RULES, Coefficients, Rule, amsgrad_step
+
+
+class ScaleByAmsgradState(NamedTuple):
+  """State of :func:`scale_by_amsgrad`.
+
+  Attributes:
+    count: int32 scalar, the number of steps taken (saturates at the int32 maximum).
+    mu: first moment ``m_t``, shaped like the parameters, stored in ``mu_dtype``.
+    nu: second moment ``v_t`` (never bias-corrected), stored in ``nu_dtype``.
+    nu_max: the running maximum of the rule's second moment, stored in ``nu_dtype``
+      and rounded up when that is narrower than the arithmetic.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  nu_max: optax.Updates
+
+
+class StepScalars(NamedTuple):
+  """Everything a step needs besides the buffers, in one real dtype."""
+
+  b1: jax.Array
+  b2: jax.Array
+  eps: jax.Array
+  eps_root: jax.Array
+  coefficients: Coefficients
+
+
+def step_scalars(hyper: dict[str, Any], rule: Rule, count: jax.Array, dtype: Any) -> StepScalars:
+  """Cast the hyperparameters to ``dtype`` and derive the rule's coefficients once."""
+  bc1, bc2 = _numerics.bias_corrections(hyper["b1"], hyper["b2"], count, dtype)
+  return StepScalars(
+    b1=jnp.asarray(hyper["b1"], dtype),
+    b2=jnp.asarray(hyper["b2"], dtype),
+    eps=jnp.asarray(hyper["eps"], dtype),
+    eps_root=jnp.asarray(hyper["eps_root"], dtype),
+    coefficients=rule.coefficients(bc1, bc2),
+  )
+
+
+def _moments_and_step(
+  g: jax.Array, mu: jax.Array, nu: jax.Array, nu_max: jax.Array, s: StepScalars
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One leaf, in compute precision: returns ``(update, mu, nu, nu_max)``.
+
+  ``g`` and ``mu`` may be complex; ``nu`` and ``nu_max`` are real.
+  """
+  mu = s.b1 * mu + (1.0 - s.b1) * g
+  nu = s.b2 * nu + (1.0 - s.b2) * _numerics.abs_sq(g)
+  nu_max, update = amsgrad_step(mu, nu, nu_max, s.coefficients, s.eps, s.eps_root)
+  return update, mu, nu, nu_max
+
+
+def leaf_update(
+  g: jax.Array,
+  mu: jax.Array,
+  nu: jax.Array,
+  nu_max: jax.Array,
+  rule: Rule,
+  scalars_for: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Update one leaf; results come back in the gradient's and the state's dtypes."""
+  dtype = _numerics.compute_dtype(g.dtype, mu.dtype, nu.dtype, nu_max.dtype)
+  s = scalars_for(_numerics.real_dtype(dtype))
+  g_c, mu_c = g.astype(dtype), mu.astype(dtype)
+  if not jnp.iscomplexobj(g_c):
+    update, mu_c, nu_c, nu_max_c = _moments_and_step(
+      g_c, mu_c, nu.astype(dtype), nu_max.astype(dtype), s
+    )
+  elif rule.complex_as_pairs:  # real and imaginary parts are two independent reals
+    parts = [
+      _moments_and_step(
+        part(g_c),
+        part(mu_c),
+        part(nu).astype(g_c.real.dtype),
+        part(nu_max).astype(g_c.real.dtype),
+        s,
+      )
+      for part in (jnp.real, jnp.imag)
+    ]
+    update, mu_c, nu_c, nu_max_c = (jax.lax.complex(re, im) for re, im in zip(*parts, strict=True))
+  else:  # |g|^2: the real part of complex state holds the moment
+    real = g_c.real.dtype
+    update, mu_c, nu_c, nu_max_c = _moments_and_step(
+      g_c, mu_c, nu.real.astype(real), nu_max.real.astype(real), s
+    )
+    nu_c, nu_max_c = (jax.lax.complex(x, jnp.zeros_like(x)) for x in (nu_c, nu_max_c))
+  return (
+    update.astype(g.dtype),
+    mu_c.astype(mu.dtype),
+    nu_c.astype(nu.dtype),
+    _numerics.cast_rounding_up(nu_max_c, nu_max.dtype),
+  )
+
+
+def scale_by_amsgrad(
+  b1: float | jax.Array = 0.9,
+  b2: float | jax.Array = 0.999,
+  eps: float | jax.Array = 1e-8,
+  eps_root: float | jax.Array = 0.0,
+  *,
+  convention: str = "pytorch",
+  mu_dtype: Any = None,
+  nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""Rescale updates by AMSGrad, with the update rule of a chosen framework.
+
+  With :math:`t` the step count after increment, :math:`c_1 = 1 - \beta_1^t`
+  and :math:`c_2 = 1 - \beta_2^t`, every rule keeps
+
+  .. math::
+
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2
+
+  and differs in the running maximum :math:`\hat v_t` and the update
+  :math:`u_t` (:math:`\epsilon_r` is ``eps_root``):
+
+  ============  ========================================  =====================================================================
+  convention    :math:`\hat v_t`                          :math:`u_t`
+  ============  ========================================  =====================================================================
+  ``pytorch``   :math:`\max(\hat v_{t-1}, v_t)`           :math:`\frac{m_t / c_1}{\sqrt{\hat v_t+\epsilon_r}/\sqrt{c_2}+\epsilon}`
+  ``keras``     :math:`\max(\hat v_{t-1}, v_t)`           :math:`\frac{\sqrt{c_2}}{c_1}\frac{m_t}{\sqrt{\hat v_t+\epsilon_r}+\epsilon}`
+  ``optax``     :math:`\max(\hat v_{t-1}, v_t / c_2)`     :math:`\frac{m_t / c_1}{\sqrt{\hat v_t+\epsilon_r}+\epsilon}`
+  ``paper``     :math:`\max(\hat v_{t-1}, v_t)`           :math:`\frac{m_t}{\sqrt{\hat v_t+\epsilon_r}+\epsilon}`
+  ============  ========================================  =====================================================================
+
+  ``pytorch`` is ``torch.optim.Adam(amsgrad=True)`` (and TensorFlow's math),
+  ``keras`` is ``keras.optimizers.Adam(amsgrad=True)``, ``optax`` is
+  ``optax.amsgrad``, ``paper`` is Algorithm 2 of Reddi et al. (2018).
+  ``eps_root`` is added to the stored maximum :math:`\hat v_t` under the square
+  root in every rule. Complex parameters: ``pytorch`` and ``keras`` treat the
+  real and imaginary parts as two independent reals (PyTorch's
+  ``view_as_real``); ``optax`` and ``paper`` use :math:`|g|^2`.
+
+  The result is the step direction; chain it with a negative scale (or use
+  :func:`amsgrad`) to get an optimizer.
+
+  Args:
+    b1: decay rate of the first moment, in ``[0, 1)``.
+    b2: decay rate of the second moment, in ``[0, 1)``.
+    eps: added to the denominator outside the square root, ``>= 0``.
+    eps_root: added to the running maximum inside the square root, ``>= 0``.
+    convention: ``"pytorch"`` (default), ``"keras"``, ``"optax"`` or ``"paper"``.
+    mu_dtype: storage dtype of ``mu``; ``None`` keeps each parameter's dtype.
+    nu_dtype: storage dtype of ``nu`` and ``nu_max``; ``None`` keeps each
+      parameter's dtype. Arithmetic is always done in at least float32.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state is a
+    :class:`ScaleByAmsgradState`.
+
+  Raises:
+    ValueError: for a concrete hyperparameter out of range or an unknown convention.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from amsgrad_jax import scale_by_amsgrad
+    >>> tx = optax.chain(scale_by_amsgrad(), optax.scale(-1e-2))
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([ 0.99, -1.99], dtype=float32)
+
+  References:
+    Reddi, Kale & Kumar, `On the Convergence of Adam and Beyond
+    <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
+  """
+  rule = RULES[
+    _validation.check_hyperparameters(
+      b1=b1, b2=b2, eps=eps, eps_root=eps_root, convention=convention
+    )
+  ]
+  mu_dtype = _validation.canonical_state_dtype("mu_dtype", mu_dtype)
+  nu_dtype = _validation.canonical_state_dtype("nu_dtype", nu_dtype)
+  hyper = {"b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root}
+
+  def init_fn(params: optax.Params) -> ScaleByAmsgradState:
+    _validation.check_float_leaves(params, "parameters")
+
+    def zeros(dtype: Any) -> optax.Updates:
+      return jax.tree.map(
+        lambda p: _numerics.zeros_like_param(p, _numerics.state_dtype(p.dtype, dtype)), params
+      )
+
+    return ScaleByAmsgradState(
+      count=jnp.zeros([], jnp.int32), mu=zeros(mu_dtype), nu=zeros(nu_dtype), nu_max=zeros(nu_dtype)
+    )
+
+  def update_fn(
+    updates: optax.Updates, state: ScaleByAmsgradState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, ScaleByAmsgradState]:
+    del params
+    _validation.check_same_structure(updates, state.mu)
+    _validation.check_float_leaves(updates, "gradients")
+    count = _numerics.safe_increment(state.count)
+    cache: dict[Any, StepScalars] = {}
+
+    def scalars_for(dtype: Any) -> StepScalars:
+      if dtype not in cache:
+        cache[dtype] = step_scalars(hyper, rule, count, dtype)
+      return cache[dtype]
+
+    grads, treedef = jax.tree.flatten(updates)
+    buffers = (jax.tree.leaves(b) for b in (state.mu, state.nu, state.nu_max))
+    results = [leaf_update(*leaf, rule, scalars_for) for leaf in zip(grads, *buffers, strict=True)]
+    new_updates, mu, nu, nu_max = (
+      treedef.unflatten([result[i] for result in results]) for i in range(4)
+    )
+    return new_updates, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,150 @@
+"""Argument and input checks.
+
+Hyperparameters are checked at construction, but only where they are concrete:
+under ``optax.inject_hyperparams`` and ``jax.jit`` they arrive as tracers, and a
+traced value cannot be compared to a bound without stopping the trace.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amsgrad_jax._rules import CONVENTIONS
+
+
+def concrete_float(value: Any) -> float | None:
+  """``value`` as a Python float, or ``None`` when it is traced or not a scalar."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, bool):
+    return float(value)
+  if isinstance(value, (int, float, np.number)):
+    return float(value)
+  if isinstance(value, (np.ndarray, jax.Array)) and np.shape(value) == ():
+    try:
+      return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+      return None
+  return None
+
+
+def check_in_interval(name: str, value: Any, low: float, high: float, *, high_open: bool) -> None:
+  """Raise ``ValueError`` unless ``low <= value < high`` (or ``<= high``)."""
+  number = concrete_float(value)
+  if number is None:
+    return
+  above = number >= high if high_open else number > high
+  if math.isnan(number) or number < low or above:
+    interval = f"[{low:g}, {high:g})" if high_open else f"[{low:g}, {high:g}]"
+    raise ValueError(f"{name} must be in {interval}, got {value!r}.")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+  """Raise ``ValueError`` unless ``value`` is a finite number ``>= 0`` (when concrete)."""
+  number = concrete_float(value)
+  if number is None:
+    return
+  if not (math.isfinite(number) and number >= 0.0):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+
+
+def check_convention(convention: Any) -> str:
+  """Return ``convention`` if it names a rule, else raise ``ValueError``."""
+  if not isinstance(convention, str) or convention not in CONVENTIONS:
+    names = ", ".join(repr(name) for name in CONVENTIONS)
+    raise ValueError(f"convention must be one of {names}; got {convention!r}.")
+  return convention
+
+
+def check_hyperparameters(*, b1: Any, b2: Any, eps: Any, eps_root: Any, convention: Any) -> str:
+  """Check the hyperparameters of :func:`scale_by_amsgrad`; return the convention."""
+  check_in_interval("b1", b1, 0.0, 1.0, high_open=True)
+  check_in_interval("b2", b2, 0.0, 1.0, high_open=True)
+  check_non_negative("eps", eps)
+  check_non_negative("eps_root", eps_root)
+  return check_convention(convention)
+
+
+def check_learning_rate(learning_rate: Any) -> None:
+  """A float learning rate must be ``>= 0``; a schedule is checked by Optax's use of it."""
+  if callable(learning_rate):
+    return
+  check_non_negative("learning_rate", learning_rate)
+
+
+def canonical_state_dtype(name: str, dtype: Any) -> jnp.dtype | None:
+  """``dtype`` as a floating or complex numpy dtype, or ``None`` for "like the parameter"."""
+  if dtype is None:
+    return None
+  try:
+    canonical = jnp.dtype(dtype)
+  except TypeError as error:
+    raise ValueError(f"{name} must be a floating dtype or None, got {dtype!r}.") from error
+  if not jnp.issubdtype(canonical, jnp.inexact):
+    raise ValueError(f"{name} must be a floating dtype or None, got {canonical}.")
+  return canonical
+
+
+def check_float_leaves(tree: Any, what: str) -> None:
+  """Raise ``TypeError`` naming the first leaf of ``tree`` that is not floating or complex."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+      dtype = np.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+        f"amsgrad_jax needs floating or complex {what}, but the leaf at "
+        f"{jax.tree_util.keystr(path) or '(root)'} has dtype {dtype}. Keep integer and "
+        "boolean leaves out of the optimizer, e.g. with optax.masked."
+      )
+
+
+def _paths(tree: Any) -> list[str]:
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def check_same_structure(updates: Any, state_like: Any) -> None:
+  """Raise ``ValueError`` naming the difference when ``updates`` does not match the state."""
+  updates_def = jax.tree.structure(updates)
+  state_def = jax.tree.structure(state_like)
+  if updates_def == state_def:
+    _check_same_shapes(updates, state_like)
+    return
+  update_paths, state_paths = _paths(updates), _paths(state_like)
+  missing = [p for p in state_paths if p not in set(update_paths)]
+  extra = [p for p in update_paths if p not in set(state_paths)]
+  detail = []
+  if missing:
+    detail.append(f"missing from the gradients: {_short(missing)}")
+  if extra:
+    detail.append(f"not in the optimizer state: {_short(extra)}")
+  if not detail:
+    detail.append(f"gradients are {updates_def}, state is {state_def}")
+  raise ValueError(
+    "The gradient tree does not match the optimizer state (was the state built "
+    "with init on these parameters?): " + "; ".join(detail) + "."
+  )
+
+
+def _check_same_shapes(updates: Any, state_like: Any) -> None:
+  for (path, update), state_leaf in zip(
+    jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(state_like), strict=True
+  ):
+    if np.shape(update) != np.shape(state_leaf):
+      raise ValueError(
+        f"The gradient at {jax.tree_util.keystr(path) or '(root)'} has shape "
+        f"{np.shape(update)}, but the optimizer state there has shape "
+        f"{np.shape(state_leaf)}."
+      )
+
+
+def _short(items: Iterable[str], limit: int = 5) -> str:
+  items = list(items)
+  shown = ", ".join(items[:limit])
+  return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
