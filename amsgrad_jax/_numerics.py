@@ -21,11 +21,16 @@ INT32_MAX = np.iinfo(np.int32).max
 
 
 def compute_dtype(*dtypes: Any) -> np.dtype:
-  """The dtype arithmetic happens in: float32 promoted with every dtype given."""
-  result = np.dtype(np.float32)
-  for dtype in dtypes:
-    result = jnp.promote_types(result, dtype)
-  return np.dtype(result)
+  """The dtype arithmetic happens in: at least float32, as wide as the widest given.
+
+  Complex when any of ``dtypes`` is complex. (Written out rather than through
+  ``jnp.promote_types``, which refuses float32 with float64 under strict promotion.)
+  """
+  bits = max([32, *(jnp.finfo(dtype).bits for dtype in dtypes)])
+  is_complex = any(jnp.issubdtype(dtype, jnp.complexfloating) for dtype in dtypes)
+  if is_complex:
+    return np.dtype(np.complex64 if bits <= 32 else np.complex128)
+  return np.dtype(np.float32 if bits <= 32 else np.float64)
 
 
 def real_dtype(dtype: Any) -> np.dtype:

@@ -34,9 +34,20 @@ class StepScalars(NamedTuple):
 
   b1: jax.Array
   b2: jax.Array
+  one_minus_b1: jax.Array
+  one_minus_b2: jax.Array
   eps: jax.Array
   eps_root: jax.Array
   coefficients: Coefficients
+
+
+def _one_minus(b: Any, dtype: Any) -> jax.Array:
+  """``1 - b`` in ``dtype``; for a concrete ``b`` computed in double precision first,
+  as PyTorch, Keras and Optax do (``1 - float32(0.999)`` is off by 1.3e-5)."""
+  number = _validation.concrete_float(b)
+  if number is not None:
+    return jnp.asarray(1.0 - number, dtype)
+  return 1.0 - jnp.asarray(b, dtype)
 
 
 def step_scalars(hyper: dict[str, Any], rule: Rule, count: jax.Array, dtype: Any) -> StepScalars:
@@ -45,6 +56,8 @@ def step_scalars(hyper: dict[str, Any], rule: Rule, count: jax.Array, dtype: Any
   return StepScalars(
     b1=jnp.asarray(hyper["b1"], dtype),
     b2=jnp.asarray(hyper["b2"], dtype),
+    one_minus_b1=_one_minus(hyper["b1"], dtype),
+    one_minus_b2=_one_minus(hyper["b2"], dtype),
     eps=jnp.asarray(hyper["eps"], dtype),
     eps_root=jnp.asarray(hyper["eps_root"], dtype),
     coefficients=rule.coefficients(bc1, bc2),
@@ -52,16 +65,17 @@ def step_scalars(hyper: dict[str, Any], rule: Rule, count: jax.Array, dtype: Any
 
 
 def _moments_and_step(
-  g: jax.Array, mu: jax.Array, nu: jax.Array, nu_max: jax.Array, s: StepScalars
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """One leaf, in compute precision: returns ``(update, mu, nu, nu_max)``.
+  gs: list[jax.Array], mus: list[jax.Array], nu: jax.Array, nu_max: jax.Array, s: StepScalars
+) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array]:
+  """One leaf in real compute precision: returns ``(updates, mus, nu, nu_max)``.
 
-  ``g`` and ``mu`` may be complex; ``nu`` and ``nu_max`` are real.
+  ``gs`` and ``mus`` hold one real array, or the real and imaginary parts of a
+  complex one that shares a single second moment ``|g|^2 = re^2 + im^2``.
   """
-  mu = s.b1 * mu + (1.0 - s.b1) * g
-  nu = s.b2 * nu + (1.0 - s.b2) * _numerics.abs_sq(g)
-  nu_max, update = amsgrad_step(mu, nu, nu_max, s.coefficients, s.eps, s.eps_root)
-  return update, mu, nu, nu_max
+  mus = [s.b1 * mu + s.one_minus_b1 * g for g, mu in zip(gs, mus, strict=True)]
+  nu = s.b2 * nu + s.one_minus_b2 * sum(g * g for g in gs)
+  steps = [amsgrad_step(mu, nu, nu_max, s.coefficients, s.eps, s.eps_root) for mu in mus]
+  return [update for _, update in steps], mus, nu, steps[0][0]
 
 
 def leaf_update(
@@ -72,38 +86,47 @@ def leaf_update(
   rule: Rule,
   scalars_for: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Update one leaf; results come back in the gradient's and the state's dtypes."""
-  dtype = _numerics.compute_dtype(g.dtype, mu.dtype, nu.dtype, nu_max.dtype)
-  s = scalars_for(_numerics.real_dtype(dtype))
-  g_c, mu_c = g.astype(dtype), mu.astype(dtype)
-  if not jnp.iscomplexobj(g_c):
-    update, mu_c, nu_c, nu_max_c = _moments_and_step(
-      g_c, mu_c, nu.astype(dtype), nu_max.astype(dtype), s
+  """Update one leaf; results come back in the gradient's and the state's dtypes.
+
+  Complex leaves are computed on their real and imaginary parts: as two
+  independent reals when ``rule.complex_as_pairs`` (PyTorch's ``view_as_real``),
+  else with one shared ``|g|^2`` moment kept in the real part of ``nu``.
+  """
+  dtype = _numerics.real_dtype(_numerics.compute_dtype(g.dtype, mu.dtype, nu.dtype, nu_max.dtype))
+  s = scalars_for(dtype)
+  if not jnp.iscomplexobj(g):
+    (update,), (mu_c,), nu_c, nu_max_c = _moments_and_step(
+      [g.astype(dtype)], [mu.astype(dtype)], nu.astype(dtype), nu_max.astype(dtype), s
     )
-  elif rule.complex_as_pairs:  # real and imaginary parts are two independent reals
-    parts = [
-      _moments_and_step(
-        part(g_c),
-        part(mu_c),
-        part(nu).astype(g_c.real.dtype),
-        part(nu_max).astype(g_c.real.dtype),
-        s,
+  else:
+    gs, mus = _parts(g, dtype), _parts(mu, dtype)
+    if rule.complex_as_pairs:
+      pairs = [
+        _moments_and_step([g_i], [mu_i], nu_i, nu_max_i, s)
+        for g_i, mu_i, nu_i, nu_max_i in zip(
+          gs, mus, _parts(nu, dtype), _parts(nu_max, dtype), strict=True
+        )
+      ]
+      updates = [update for (update,), *_ in pairs]
+      mus = [mu_i for _, (mu_i,), *_ in pairs]
+      nu_c, nu_max_c = (jax.lax.complex(*[pair[i] for pair in pairs]) for i in (2, 3))
+    else:
+      updates, mus, nu_r, nu_max_r = _moments_and_step(
+        gs, mus, nu.real.astype(dtype), nu_max.real.astype(dtype), s
       )
-      for part in (jnp.real, jnp.imag)
-    ]
-    update, mu_c, nu_c, nu_max_c = (jax.lax.complex(re, im) for re, im in zip(*parts, strict=True))
-  else:  # |g|^2: the real part of complex state holds the moment
-    real = g_c.real.dtype
-    update, mu_c, nu_c, nu_max_c = _moments_and_step(
-      g_c, mu_c, nu.real.astype(real), nu_max.real.astype(real), s
-    )
-    nu_c, nu_max_c = (jax.lax.complex(x, jnp.zeros_like(x)) for x in (nu_c, nu_max_c))
+      nu_c, nu_max_c = (jax.lax.complex(x, jnp.zeros_like(x)) for x in (nu_r, nu_max_r))
+    update, mu_c = jax.lax.complex(*updates), jax.lax.complex(*mus)
   return (
     update.astype(g.dtype),
     mu_c.astype(mu.dtype),
     nu_c.astype(nu.dtype),
     _numerics.cast_rounding_up(nu_max_c, nu_max.dtype),
   )
+
+
+def _parts(x: jax.Array, dtype: Any) -> list[jax.Array]:
+  """The real and imaginary parts of a complex ``x``, cast to the real ``dtype``."""
+  return [jnp.real(x).astype(dtype), jnp.imag(x).astype(dtype)]
 
 
 def scale_by_amsgrad(
