@@ -67,14 +67,16 @@ def amsgrad(
   """
   _validation.check_learning_rate(learning_rate)
   _validation.check_non_negative("weight_decay", weight_decay)
-  parts = [] if _is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay)]
-  parts += [
+  # identity() keeps the chain's state layout when the decay is a concrete zero, so a
+  # state built with weight_decay=0.0 still matches one built under inject_hyperparams.
+  decay = optax.identity() if _is_zero(weight_decay) else optax.add_decayed_weights(weight_decay)
+  return optax.chain(
+    decay,
     scale_by_amsgrad(
       b1, b2, eps, eps_root, convention=convention, mu_dtype=mu_dtype, nu_dtype=nu_dtype
     ),
     optax.scale_by_learning_rate(learning_rate),
-  ]
-  return optax.chain(*parts)
+  )
 
 
 def amsgradw(
