@@ -92,20 +92,24 @@ class Rule:
     coefficients: maps the bias corrections ``(c1, c2)`` to :class:`Coefficients`.
     complex_as_pairs: whether a complex number is treated as two independent
       reals (PyTorch's ``view_as_real``), rather than through ``|g|^2`` (Optax).
+    bias_correction_from_double: whether ``1 - b**t`` is formed from ``b`` in double
+      precision (PyTorch, in Python floats) rather than from ``b`` rounded to the
+      compute dtype (Keras and Optax); see ``_numerics.bias_corrections``.
     matches: the framework whose numbers the rule reproduces.
   """
 
   name: str
   coefficients: Callable[[jax.Array, jax.Array], Coefficients]
   complex_as_pairs: bool
+  bias_correction_from_double: bool
   matches: str
 
 
 RULES: dict[str, Rule] = {
-  "pytorch": Rule("pytorch", pytorch, True, "torch.optim.Adam(amsgrad=True), TensorFlow"),
-  "keras": Rule("keras", keras, True, "keras.optimizers.Adam(amsgrad=True)"),
-  "optax": Rule("optax", optax, False, "optax.amsgrad"),
-  "paper": Rule("paper", paper, False, "Reddi et al. (2018), Algorithm 2"),
+  "pytorch": Rule("pytorch", pytorch, True, True, "torch.optim.Adam(amsgrad=True), TensorFlow"),
+  "keras": Rule("keras", keras, True, False, "keras.optimizers.Adam(amsgrad=True)"),
+  "optax": Rule("optax", optax, False, False, "optax.amsgrad"),
+  "paper": Rule("paper", paper, False, True, "Reddi et al. (2018), Algorithm 2"),
 }
 CONVENTIONS: tuple[str, ...] = tuple(RULES)
 

@@ -52,7 +52,9 @@ def _one_minus(b: Any, dtype: Any) -> jax.Array:
 
 def step_scalars(hyper: dict[str, Any], rule: Rule, count: jax.Array, dtype: Any) -> StepScalars:
   """Cast the hyperparameters to ``dtype`` and derive the rule's coefficients once."""
-  bc1, bc2 = _numerics.bias_corrections(hyper["b1"], hyper["b2"], count, dtype)
+  bc1, bc2 = _numerics.bias_corrections(
+    hyper["b1"], hyper["b2"], count, dtype, from_double=rule.bias_correction_from_double
+  )
   return StepScalars(
     b1=jnp.asarray(hyper["b1"], dtype),
     b2=jnp.asarray(hyper["b2"], dtype),
