@@ -50,7 +50,7 @@ class Coefficients(NamedTuple):
 
 
 def pytorch(bc1: jax.Array, bc2: jax.Array) -> Coefficients:
-  """``torch.optim.Adam(amsgrad=True)`` and TensorFlow's math.
+  """``torch.optim.Adam(amsgrad=True)`` and ``torch.optim.AdamW(amsgrad=True)``.
 
   ``nu_max = max(nu_max, v)``;  ``u = (m / c1) / (sqrt(nu_max) / sqrt(c2) + eps)``.
   """
@@ -58,7 +58,7 @@ def pytorch(bc1: jax.Array, bc2: jax.Array) -> Coefficients:
 
 
 def keras(bc1: jax.Array, bc2: jax.Array) -> Coefficients:
-  """``keras.optimizers.Adam(amsgrad=True)`` (Keras 3 and tf.keras).
+  """``keras.optimizers.Adam(amsgrad=True)`` (Keras 3, and tf.keras in TensorFlow 2).
 
   ``nu_max = max(nu_max, v)``;  ``u = (sqrt(c2) / c1) * m / (sqrt(nu_max) + eps)``,
   so ``eps`` is the paper's "epsilon hat", added to the uncorrected root.
@@ -106,8 +106,8 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-  "pytorch": Rule("pytorch", pytorch, True, True, "torch.optim.Adam(amsgrad=True), TensorFlow"),
-  "keras": Rule("keras", keras, True, False, "keras.optimizers.Adam(amsgrad=True)"),
+  "pytorch": Rule("pytorch", pytorch, True, True, "torch.optim.Adam(amsgrad=True)"),
+  "keras": Rule("keras", keras, True, False, "keras.optimizers.Adam(amsgrad=True), tf.keras"),
   "optax": Rule("optax", optax, False, False, "optax.amsgrad"),
   "paper": Rule("paper", paper, False, True, "Reddi et al. (2018), Algorithm 2"),
 }

@@ -163,8 +163,8 @@ def scale_by_amsgrad(
   ``paper``     :math:`\max(\hat v_{t-1}, v_t)`           :math:`\frac{m_t}{\sqrt{\hat v_t+\epsilon_r}+\epsilon}`
   ============  ========================================  =====================================================================
 
-  ``pytorch`` is ``torch.optim.Adam(amsgrad=True)`` (and TensorFlow's math),
-  ``keras`` is ``keras.optimizers.Adam(amsgrad=True)``, ``optax`` is
+  ``pytorch`` is ``torch.optim.Adam(amsgrad=True)``, ``keras`` is
+  ``keras.optimizers.Adam(amsgrad=True)`` (and TensorFlow 2's tf.keras), ``optax`` is
   ``optax.amsgrad``, ``paper`` is Algorithm 2 of Reddi et al. (2018).
   ``eps_root`` is added to the stored maximum :math:`\hat v_t` under the square
   root in every rule. Complex parameters: ``pytorch`` and ``keras`` treat the
