@@ -66,7 +66,7 @@ def amsgrad(
     <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
   """
   _validation.check_learning_rate(learning_rate)
-  _validation.check_non_negative("weight_decay", weight_decay)
+  _validation.check_weight_decay(weight_decay)
   # identity() keeps the chain's state layout when the decay is a concrete zero, so a
   # state built with weight_decay=0.0 still matches one built under inject_hyperparams.
   decay = optax.identity() if _is_zero(weight_decay) else optax.add_decayed_weights(weight_decay)
@@ -137,7 +137,7 @@ def amsgradw(
     <https://openreview.net/forum?id=Bkg6RiCqY7>`_, ICLR 2019.
   """
   _validation.check_learning_rate(learning_rate)
-  _validation.check_non_negative("weight_decay", weight_decay)
+  _validation.check_weight_decay(weight_decay)
   return optax.chain(
     scale_by_amsgrad(
       b1, b2, eps, eps_root, convention=convention, mu_dtype=mu_dtype, nu_dtype=nu_dtype

@@ -65,6 +65,15 @@ def state_dtype(param_dtype: Any, requested: np.dtype | None) -> np.dtype:
   return np.dtype(requested)
 
 
+def leaf_dtype(leaf: Any) -> np.dtype:
+  """The dtype JAX gives ``leaf``: float32 for a Python float, and for a NumPy float64
+  array unless x64 is enabled (asking for float64 there would only warn and truncate)."""
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is None:
+    dtype = jnp.result_type(leaf)
+  return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
 def zeros_like_param(param: Any, dtype: np.dtype) -> jax.Array:
   """Zeros shaped and sharded like ``param``, eagerly, under ``jit`` and abstractly.
 

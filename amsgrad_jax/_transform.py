@@ -219,7 +219,10 @@ def scale_by_amsgrad(
 
     def zeros(dtype: Any) -> optax.Updates:
       return jax.tree.map(
-        lambda p: _numerics.zeros_like_param(p, _numerics.state_dtype(p.dtype, dtype)), params
+        lambda p: _numerics.zeros_like_param(
+          p, _numerics.state_dtype(_numerics.leaf_dtype(p), dtype)
+        ),
+        params,
       )
 
     return ScaleByAmsgradState(
@@ -241,6 +244,8 @@ def scale_by_amsgrad(
       return cache[dtype]
 
     grads, treedef = jax.tree.flatten(updates)
+    # Python scalars and NumPy float64 arrays (without x64) become the arrays JAX makes of them.
+    grads = [jnp.asarray(g) for g in grads]
     buffers = (jax.tree.leaves(b) for b in (state.mu, state.nu, state.nu_max))
     results = [leaf_update(*leaf, rule, scalars_for) for leaf in zip(grads, *buffers, strict=True)]
     new_updates, mu, nu, nu_max = (

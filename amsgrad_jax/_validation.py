@@ -7,7 +7,6 @@ traced value cannot be compared to a bound without stopping the trace.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,23 +33,50 @@ def concrete_float(value: Any) -> float | None:
   return None
 
 
+def concrete_values(name: str, value: Any, accepted: str) -> np.ndarray | None:
+  """A numeric hyperparameter as a float64 NumPy array, or ``None`` when it is traced.
+
+  Python numbers, NumPy scalars and arrays and concrete JAX arrays are read; a value of
+  any other kind (a string, ``None``, a bool, a complex number) raises ``ValueError``
+  whose message names ``name`` and the ``accepted`` range, since it would otherwise
+  fail, or silently mean something else, deep inside the first update.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    array = np.asarray(value)
+  except jax.errors.ConcretizationTypeError:
+    return None
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"{name} must be a real number {accepted}, got {value!r}.") from error
+  is_real = jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)
+  if not is_real:
+    raise ValueError(
+      f"{name} must be a real number {accepted}, got {value!r} of type {type(value).__name__}."
+    )
+  return array.astype(np.float64)
+
+
 def check_in_interval(name: str, value: Any, low: float, high: float, *, high_open: bool) -> None:
-  """Raise ``ValueError`` unless ``low <= value < high`` (or ``<= high``)."""
-  number = concrete_float(value)
-  if number is None:
+  """Raise ``ValueError`` unless ``low <= value < high`` (or ``<= high``) everywhere.
+
+  A concrete array is checked elementwise; a traced value is not checked.
+  """
+  interval = f"[{low:g}, {high:g})" if high_open else f"[{low:g}, {high:g}]"
+  values = concrete_values(name, value, f"in {interval}")
+  if values is None:
     return
-  above = number >= high if high_open else number > high
-  if math.isnan(number) or number < low or above:
-    interval = f"[{low:g}, {high:g})" if high_open else f"[{low:g}, {high:g}]"
+  below_high = values < high if high_open else values <= high
+  if not np.all((values >= low) & below_high):  # NaN fails both comparisons
     raise ValueError(f"{name} must be in {interval}, got {value!r}.")
 
 
 def check_non_negative(name: str, value: Any) -> None:
-  """Raise ``ValueError`` unless ``value`` is a finite number ``>= 0`` (when concrete)."""
-  number = concrete_float(value)
-  if number is None:
+  """Raise ``ValueError`` unless ``value`` is finite and ``>= 0`` (when concrete)."""
+  values = concrete_values(name, value, ">= 0")
+  if values is None:
     return
-  if not (math.isfinite(number) and number >= 0.0):
+  if not np.all(np.isfinite(values) & (values >= 0.0)):
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
 
 
@@ -78,6 +104,13 @@ def check_learning_rate(learning_rate: Any) -> None:
   check_non_negative("learning_rate", learning_rate)
 
 
+def check_weight_decay(weight_decay: Any) -> None:
+  """A float weight decay must be ``>= 0``; Optax also takes a schedule, left unchecked."""
+  if callable(weight_decay):
+    return
+  check_non_negative("weight_decay", weight_decay)
+
+
 def canonical_state_dtype(name: str, dtype: Any) -> jnp.dtype | None:
   """``dtype`` as a floating or complex numpy dtype, or ``None`` for "like the parameter"."""
   if dtype is None:
@@ -94,14 +127,20 @@ def canonical_state_dtype(name: str, dtype: Any) -> jnp.dtype | None:
 def check_float_leaves(tree: Any, what: str) -> None:
   """Raise ``TypeError`` naming the first leaf of ``tree`` that is not floating or complex."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    where = jax.tree_util.keystr(path) or "(root)"
     dtype = getattr(leaf, "dtype", None)
     if dtype is None:
-      dtype = np.result_type(leaf)
+      try:
+        dtype = jnp.result_type(leaf)  # a Python scalar gets the dtype JAX would give it
+      except TypeError as error:
+        raise TypeError(
+          f"amsgrad_jax needs arrays of floating or complex {what}, but the leaf at "
+          f"{where} is {leaf!r} of type {type(leaf).__name__}."
+        ) from error
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
-        f"amsgrad_jax needs floating or complex {what}, but the leaf at "
-        f"{jax.tree_util.keystr(path) or '(root)'} has dtype {dtype}. Keep integer and "
-        "boolean leaves out of the optimizer, e.g. with optax.masked."
+        f"amsgrad_jax needs floating or complex {what}, but the leaf at {where} has dtype "
+        f"{dtype}. Keep integer and boolean leaves out of the optimizer, e.g. with optax.masked."
       )
 
 
