@@ -4,6 +4,7 @@ Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
 """
 
 from amsgrad_jax._aliases import amsgrad, amsgradw
+from amsgrad_jax._guard import skip_nonfinite
 from amsgrad_jax._rules import CONVENTIONS
 from amsgrad_jax._transform import ScaleByAmsgradState, scale_by_amsgrad
 
@@ -15,4 +16,5 @@ __all__ = [
   "amsgrad",
   "amsgradw",
   "scale_by_amsgrad",
+  "skip_nonfinite",
 ]
