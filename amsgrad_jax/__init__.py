@@ -5,6 +5,7 @@ Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
 
 from amsgrad_jax._aliases import amsgrad, amsgradw
 from amsgrad_jax._guard import skip_nonfinite
+from amsgrad_jax._native import NativeStatus, apply_step, native_status
 from amsgrad_jax._rules import CONVENTIONS
 from amsgrad_jax._transform import ScaleByAmsgradState, scale_by_amsgrad
 
@@ -12,9 +13,12 @@ __version__ = "0.1.0"
 
 __all__ = [
   "CONVENTIONS",
+  "NativeStatus",
   "ScaleByAmsgradState",
   "amsgrad",
   "amsgradw",
+  "apply_step",
+  "native_status",
   "scale_by_amsgrad",
   "skip_nonfinite",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -10,6 +11,45 @@ import optax
 
 from amsgrad_jax import _validation
 from amsgrad_jax._transform import scale_by_amsgrad
+
+
+@dataclass(frozen=True, eq=False)
+class AliasSpec:
+  """The hyperparameters :func:`amsgrad` or :func:`amsgradw` was built with.
+
+  :func:`amsgrad_jax.apply_step` reads it to run the whole step natively; every other
+  use of the transformation ignores it.
+
+  Attributes:
+    decoupled: ``False`` for :func:`amsgrad` (weight decay added to the gradient
+      before the moments), ``True`` for :func:`amsgradw` (added to the update).
+    mask: :func:`amsgradw`'s decay mask (``None`` for :func:`amsgrad`).
+  """
+
+  learning_rate: optax.ScalarOrSchedule
+  b1: Any
+  b2: Any
+  eps: Any
+  eps_root: Any
+  convention: str
+  weight_decay: Any
+  decoupled: bool
+  mask: Any = None
+
+
+class AliasTransformation(optax.GradientTransformationExtraArgs):
+  """A plain :class:`optax.GradientTransformationExtraArgs` that also carries ``spec``.
+
+  It is the ``(init, update)`` pair for every Optax use; ``spec`` is an attribute, not a
+  field, so a copy made through ``_replace`` or pickling simply has ``spec = None``.
+  """
+
+  spec: AliasSpec | None
+
+  def __new__(cls, init: Any, update: Any, spec: AliasSpec | None = None) -> AliasTransformation:
+    transformation = super().__new__(cls, init, update)
+    transformation.spec = spec
+    return transformation
 
 
 def _is_zero(value: Any) -> bool:
@@ -70,13 +110,15 @@ def amsgrad(
   # identity() keeps the chain's state layout when the decay is a concrete zero, so a
   # state built with weight_decay=0.0 still matches one built under inject_hyperparams.
   decay = optax.identity() if _is_zero(weight_decay) else optax.add_decayed_weights(weight_decay)
-  return optax.chain(
+  chain = optax.chain(
     decay,
     scale_by_amsgrad(
       b1, b2, eps, eps_root, convention=convention, mu_dtype=mu_dtype, nu_dtype=nu_dtype
     ),
     optax.scale_by_learning_rate(learning_rate),
   )
+  spec = AliasSpec(learning_rate, b1, b2, eps, eps_root, convention, weight_decay, False)
+  return AliasTransformation(chain.init, chain.update, spec)
 
 
 def amsgradw(
@@ -138,10 +180,12 @@ def amsgradw(
   """
   _validation.check_learning_rate(learning_rate)
   _validation.check_weight_decay(weight_decay)
-  return optax.chain(
+  chain = optax.chain(
     scale_by_amsgrad(
       b1, b2, eps, eps_root, convention=convention, mu_dtype=mu_dtype, nu_dtype=nu_dtype
     ),
     optax.add_decayed_weights(weight_decay, mask),
     optax.scale_by_learning_rate(learning_rate),
   )
+  spec = AliasSpec(learning_rate, b1, b2, eps, eps_root, convention, weight_decay, True, mask)
+  return AliasTransformation(chain.init, chain.update, spec)

@@ -1,0 +1,330 @@
+// One AMSGrad training step for every leaf of one dtype group, in place, in one pass.
+//
+// Registered with XLA's FFI for the CPU platform as "amsgrad_jax_step". Operands:
+//   scalars   11 numbers in the compute dtype C (float32 or float64), computed in JAX:
+//             b1, b2, 1-b1, 1-b2, eps, eps_root, a, b, d, -lr, weight_decay
+//             (-lr and weight_decay already rounded to the parameter dtype P);
+//   per leaf  params, grads, mu, nu, nu_max.
+// Results, per leaf: params, mu, nu, nu_max, aliased to the operands (input_output_aliases).
+// Attribute `decay`: 0 none, 1 coupled (g += wd p before the moments), 2 decoupled
+// (u += wd p after the step, as optax.add_decayed_weights after scale_by_amsgrad).
+//
+// Per element, in C, with the rule's coefficients a, b, d (amsgrad_jax/_rules.py):
+//   m = b1 m + (1-b1) g;   v = b2 v + (1-b2) g^2;   nu_max = max(nu_max, a v)
+//   u = (b m) / (d sqrt(nu_max + eps_root) + eps);   p = p + (-lr) u
+// Each intermediate that the Optax chain holds in the parameter dtype is rounded to it
+// here too (u, the decayed gradient, -lr u), the state is stored rounded to nearest and
+// nu_max rounded toward +infinity. XLA:CPU contracts a product feeding a sum into a fused
+// multiply-add (LLVM's AllowFPOpFusion=Fast; for `x*y + z*w` it fuses the left product);
+// the kernel writes those same fused multiply-adds out with std::fma and is built with
+// -ffp-contract=off so the compiler adds no others. Results then equal the JAX path.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using bf16 = uint16_t;  // bfloat16 storage: the high half of a float32
+
+constexpr int kNumScalars = 11;
+
+// ---- conversions -----------------------------------------------------------------------
+
+inline float BitsToFloat(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint32_t FloatToBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// float -> bfloat16, rounding to nearest even; NaN stays a (quiet) NaN.
+inline bf16 Bf16Nearest(float f) {
+  uint32_t u = FloatToBits(f);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return static_cast<bf16>(f != f ? quiet_nan : rounded);
+}
+
+// The next representable number toward +infinity, on the raw bits of a sign-magnitude float.
+template <typename Bits, Bits kSign>
+inline Bits NextUp(Bits bits) {
+  const Bits next = (bits & kSign) ? Bits(bits - 1) : Bits(bits + 1);
+  return bits == kSign ? Bits{1} : next;  // -0 -> the smallest positive subnormal
+}
+
+template <typename C>
+inline C Load(float x) { return static_cast<C>(x); }
+template <typename C>
+inline C Load(double x) { return static_cast<C>(x); }
+template <typename C>
+inline C Load(bf16 x) { return static_cast<C>(BitsToFloat(uint32_t{x} << 16)); }
+
+// Round a compute value to storage type T, to nearest.
+template <typename T, typename C>
+inline T Nearest(C x) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    static_assert(std::is_same_v<C, float>, "bfloat16 is only stored from float32");
+    return Bf16Nearest(x);
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+// Round a compute value to storage type T, toward +infinity where T is narrower.
+template <typename T, typename C>
+inline T Upward(C x) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    bf16 nearest = Bf16Nearest(x);
+    bf16 up = NextUp<uint16_t, 0x8000u>(nearest);
+    return Load<C>(nearest) < x ? up : nearest;
+  } else if constexpr (std::is_same_v<T, float> && std::is_same_v<C, double>) {
+    float nearest = static_cast<float>(x);
+    float up = BitsToFloat(NextUp<uint32_t, 0x80000000u>(FloatToBits(nearest)));
+    return static_cast<double>(nearest) < x ? up : nearest;
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+// x rounded to T and read back: what the Optax chain holds in T.
+template <typename T, typename C>
+inline C Through(C x) {
+  if constexpr (std::is_same_v<T, C>) {
+    return x;
+  } else {
+    return Load<C>(Nearest<T>(x));
+  }
+}
+
+// x*y + z, as the Optax chain forms it in parameter dtype P: one fused multiply-add when P
+// is the compute dtype, else a product and a sum each rounded to P (no fusion across them).
+template <typename P, typename C>
+inline C MulAdd(C x, C y, C z) {
+  if constexpr (std::is_same_v<P, C>) {
+    return std::fma(x, y, z);
+  } else {
+    return Through<P>(Through<P>(x * y) + z);
+  }
+}
+
+// ---- the step --------------------------------------------------------------------------
+
+enum Decay : int64_t { kNoDecay = 0, kCoupled = 1, kDecoupled = 2 };
+
+template <typename P, typename M, typename N, typename C, int64_t kDecay>
+void StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_raw,
+               void* nu_max_raw, size_t begin, size_t end, const void* scalars_raw) {
+  P* __restrict__ params = static_cast<P*>(params_raw);
+  const P* __restrict__ grads = static_cast<const P*>(grads_raw);
+  M* __restrict__ mu = static_cast<M*>(mu_raw);
+  N* __restrict__ nu = static_cast<N*>(nu_raw);
+  N* __restrict__ nu_max = static_cast<N*>(nu_max_raw);
+  const C* s = static_cast<const C*>(scalars_raw);
+  const C b1 = s[0], b2 = s[1], one_minus_b1 = s[2], one_minus_b2 = s[3];
+  const C eps = s[4], eps_root = s[5], a = s[6], b = s[7], d = s[8];
+  const C neg_lr = s[9], weight_decay = s[10];
+  for (size_t i = begin; i < end; ++i) {
+    const C p = Load<C>(params[i]);
+    C g = Load<C>(grads[i]);
+    if constexpr (kDecay == kCoupled) {
+      // XLA keeps this sum in the compute dtype (its convert pair to P and back is removed
+      // as excess precision), so only the product is rounded to P.
+      if constexpr (std::is_same_v<P, C>) {
+        g = std::fma(weight_decay, p, g);
+      } else {
+        g = g + Through<P>(weight_decay * p);
+      }
+    }
+    const C m = std::fma(b1, Load<C>(mu[i]), one_minus_b1 * g);
+    const C v = std::fma(b2, Load<C>(nu[i]), one_minus_b2 * (g * g));
+    const C scaled = a * v;
+    const C previous = Load<C>(nu_max[i]);
+    const C v_max = ((previous != previous) | (previous > scaled)) ? previous : scaled;  // NaN wins
+    const C denominator = std::fma(d, std::sqrt(v_max + eps_root), eps);
+    C u = Through<P>((b * m) / denominator);
+    if constexpr (kDecay == kDecoupled) u = MulAdd<P>(weight_decay, p, u);
+    params[i] = Nearest<P>(MulAdd<P>(neg_lr, u, p));
+    mu[i] = Nearest<M>(m);
+    nu[i] = Nearest<N>(v);
+    nu_max[i] = Upward<N>(v_max);
+  }
+}
+
+using StepFn = void (*)(void*, const void*, void*, void*, void*, size_t, size_t, const void*);
+
+template <typename P, typename M, typename N, typename C>
+StepFn ForDecay(int64_t decay) {
+  switch (decay) {
+    case kNoDecay: return &StepRange<P, M, N, C, kNoDecay>;
+    case kCoupled: return &StepRange<P, M, N, C, kCoupled>;
+    case kDecoupled: return &StepRange<P, M, N, C, kDecoupled>;
+    default: return nullptr;
+  }
+}
+
+// Storage dtypes all in {bf16, f32} compute in float; all in {f32, f64} with an f64
+// compute in double. (bfloat16 next to float64 is left to the JAX path.)
+template <typename P, typename M>
+StepFn ForNu32(ffi::DataType n, int64_t decay) {
+  switch (n) {
+    case ffi::DataType::BF16: return ForDecay<P, M, bf16, float>(decay);
+    case ffi::DataType::F32: return ForDecay<P, M, float, float>(decay);
+    default: return nullptr;
+  }
+}
+
+template <typename P, typename M>
+StepFn ForNu64(ffi::DataType n, int64_t decay) {
+  switch (n) {
+    case ffi::DataType::F32: return ForDecay<P, M, float, double>(decay);
+    case ffi::DataType::F64: return ForDecay<P, M, double, double>(decay);
+    default: return nullptr;
+  }
+}
+
+StepFn SelectStep(ffi::DataType p, ffi::DataType m, ffi::DataType n, int64_t decay) {
+  using T = ffi::DataType;
+  const bool narrow = (p == T::BF16 || m == T::BF16 || n == T::BF16);
+  const bool wide = (p == T::F64 || m == T::F64 || n == T::F64);
+  if (narrow && wide) return nullptr;
+  if (!wide) {
+    if (p == T::BF16 && m == T::BF16) return ForNu32<bf16, bf16>(n, decay);
+    if (p == T::BF16 && m == T::F32) return ForNu32<bf16, float>(n, decay);
+    if (p == T::F32 && m == T::BF16) return ForNu32<float, bf16>(n, decay);
+    if (p == T::F32 && m == T::F32) return ForNu32<float, float>(n, decay);
+    return nullptr;
+  }
+  if (p == T::F32 && m == T::F32) return ForNu64<float, float>(n, decay);
+  if (p == T::F32 && m == T::F64) return ForNu64<float, double>(n, decay);
+  if (p == T::F64 && m == T::F32) return ForNu64<double, float>(n, decay);
+  if (p == T::F64 && m == T::F64) return ForNu64<double, double>(n, decay);
+  return nullptr;
+}
+
+// ---- work split over XLA's CPU thread pool ---------------------------------------------
+
+struct Leaf {
+  void* params;
+  const void* grads;
+  void* mu;
+  void* nu;
+  void* nu_max;
+};
+
+struct Chunk {
+  uint32_t leaf;
+  size_t begin, end;
+};
+
+// Shared with the pool's tasks through a shared_ptr: a task that starts after the caller
+// has finished every chunk finds nothing to do, and the state outlives it.
+struct Work {
+  StepFn step;
+  std::vector<Leaf> leaves;
+  std::vector<Chunk> chunks;
+  alignas(16) unsigned char scalars[kNumScalars * sizeof(double)];
+  std::atomic<size_t> next{0};
+  std::atomic<size_t> done{0};
+
+  void Drain() {
+    size_t finished = 0;
+    for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();) {
+      const Chunk& c = chunks[i];
+      const Leaf& l = leaves[c.leaf];
+      step(l.params, l.grads, l.mu, l.nu, l.nu_max, c.begin, c.end, scalars);
+      ++finished;
+    }
+    if (finished) done.fetch_add(finished, std::memory_order_release);
+  }
+};
+
+// Elements per chunk: large enough to amortise scheduling, small enough to balance.
+constexpr size_t kChunk = 1 << 15;
+// Below this many elements in total the step runs on the calling thread alone.
+constexpr size_t kSerialBelow = 1 << 16;
+
+ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scalars,
+                       ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  if (args.size() % 5 != 0 || rets.size() * 5 != args.size() * 4) {
+    return ffi::Error::InvalidArgument("amsgrad_jax_step: expected 5 operands and 4 results a leaf");
+  }
+  const size_t num_leaves = args.size() / 5;
+  auto work = std::make_shared<Work>();
+  const size_t scalar_bytes = scalars.size_bytes();
+  if (scalars.element_count() != kNumScalars || scalar_bytes > sizeof work->scalars) {
+    return ffi::Error::InvalidArgument("amsgrad_jax_step: expected 11 scalars");
+  }
+  std::memcpy(work->scalars, scalars.untyped_data(), scalar_bytes);
+  work->leaves.reserve(num_leaves);
+  size_t total = 0;
+  for (size_t i = 0; i < num_leaves; ++i) {
+    ffi::AnyBuffer in[5] = {*args.get<ffi::AnyBuffer>(5 * i), *args.get<ffi::AnyBuffer>(5 * i + 1),
+                            *args.get<ffi::AnyBuffer>(5 * i + 2),
+                            *args.get<ffi::AnyBuffer>(5 * i + 3),
+                            *args.get<ffi::AnyBuffer>(5 * i + 4)};
+    ffi::AnyBuffer out[4] = {**rets.get<ffi::AnyBuffer>(4 * i), **rets.get<ffi::AnyBuffer>(4 * i + 1),
+                             **rets.get<ffi::AnyBuffer>(4 * i + 2),
+                             **rets.get<ffi::AnyBuffer>(4 * i + 3)};
+    StepFn step = SelectStep(in[0].element_type(), in[2].element_type(), in[3].element_type(), decay);
+    const size_t n = in[0].element_count();
+    if (step == nullptr || in[1].element_type() != in[0].element_type() ||
+        in[4].element_type() != in[3].element_type() || in[1].element_count() != n ||
+        in[2].element_count() != n || in[3].element_count() != n || in[4].element_count() != n) {
+      return ffi::Error::InvalidArgument("amsgrad_jax_step: unsupported dtypes or shapes");
+    }
+    if (i == 0) work->step = step;
+    if (step != work->step) {
+      return ffi::Error::InvalidArgument("amsgrad_jax_step: one call takes one dtype group");
+    }
+    // In place when XLA honoured the aliases; otherwise start from a copy of the operand.
+    const int updated[4] = {0, 2, 3, 4};
+    for (int k = 0; k < 4; ++k) {
+      if (out[k].untyped_data() != in[updated[k]].untyped_data() && n > 0) {
+        std::memcpy(out[k].untyped_data(), in[updated[k]].untyped_data(), out[k].size_bytes());
+      }
+    }
+    work->leaves.push_back({out[0].untyped_data(), in[1].untyped_data(), out[1].untyped_data(),
+                            out[2].untyped_data(), out[3].untyped_data()});
+    for (size_t begin = 0; begin < n; begin += kChunk) {
+      work->chunks.push_back({static_cast<uint32_t>(i), begin, std::min(n, begin + kChunk)});
+    }
+    total += n;
+  }
+  const size_t num_chunks = work->chunks.size();
+  if (num_chunks == 0) return ffi::Error::Success();
+  const int64_t threads = total < kSerialBelow ? 0 : pool.num_threads();
+  const size_t helpers = std::min<size_t>(threads > 0 ? threads : 0, num_chunks - 1);
+  for (size_t t = 0; t < helpers; ++t) {
+    pool.Schedule([work] { work->Drain(); });
+  }
+  work->Drain();
+  while (work->done.load(std::memory_order_acquire) < num_chunks) {
+    std::this_thread::yield();
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStep, AmsgradStep,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("decay")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
