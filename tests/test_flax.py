@@ -2,8 +2,8 @@
 ``TrainState`` both train a small model.
 
 The problem: a 2-16-1 MLP fits ``y = sin(x0) + x1 / 2`` on 128 fixed points, 150
-full-batch steps; both runs must cut the loss at least fiftyfold (measured: from 0.29 and 0.26 to
-0.0006-0.0021, depending on the rule).
+full-batch steps; both runs must cut the loss at least fiftyfold (measured: from 0.29
+and 0.26 to 0.0006-0.0021, depending on the rule).
 """
 
 from __future__ import annotations

@@ -108,8 +108,7 @@ def test_pmap_data_parallel_step_equals_the_step_on_the_mean_gradient(convention
     return apply_step(tx)(params, state, grads)
 
   pstep = jax.pmap(parallel_step, axis_name="batch", donate_argnums=(0, 1))
-  replicate = jax.tree_util.Partial(jax.tree.map, lambda x: jnp.broadcast_to(x, (8, *x.shape)))
-  replicas = replicate((params, tx.init(params)))
+  replicas = jax.tree.map(lambda x: jnp.broadcast_to(x, (8, *x.shape)), (params, tx.init(params)))
   single = (params, tx.init(params))
   sstep = jax.jit(apply_step(tx))
   for grads in per_device_grads:
