@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amsgrad_jax._rules import CONVENTIONS
+from amsgrad_jax._rules import CONVENTIONS, RULES
 
 
 def concrete_float(value: Any) -> float | None:
@@ -94,7 +94,28 @@ def check_hyperparameters(*, b1: Any, b2: Any, eps: Any, eps_root: Any, conventi
   check_in_interval("b2", b2, 0.0, 1.0, high_open=True)
   check_non_negative("eps", eps)
   check_non_negative("eps_root", eps_root)
-  return check_convention(convention)
+  convention = check_convention(convention)
+  if not RULES[convention].bias_correction_from_double:
+    check_below_one_in_float32("b1", b1, convention)
+    check_below_one_in_float32("b2", b2, convention)
+  return convention
+
+
+def check_below_one_in_float32(name: str, value: Any, convention: str) -> None:
+  """Raise ``ValueError`` when a concrete ``b`` in ``[0, 1)`` rounds to 1.0 in float32.
+
+  The keras and optax rules raise ``b`` to the power ``t`` after rounding it to the
+  arithmetic's dtype, at least float32, as those frameworks do. Above ``1 - 2**-25``
+  that rounding gives 1.0, so ``1 - b**t`` is 0 and the step divides by zero.
+  """
+  values = concrete_values(name, value, "in [0, 1)")
+  if values is not None and np.any(values.astype(np.float32) == 1.0):
+    raise ValueError(
+      f"{name} must be in [0, 1) after rounding to float32 for convention={convention!r}, "
+      f"which forms 1 - {name}**t in float32: {value!r} rounds to 1.0 there (use at most "
+      f"{float(np.nextafter(np.float32(1.0), np.float32(0.0))):.9g}, or convention='pytorch', "
+      "which forms it in double precision)."
+    )
 
 
 def check_learning_rate(learning_rate: Any) -> None:

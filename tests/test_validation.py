@@ -384,3 +384,33 @@ def test_mismatched_gradients_raise_a_clear_error_and_leave_the_state_usable(
   for _ in range(2):
     expected, fresh = tx.update(good_grads, fresh, PARAMS)
   jax.tree.map(np.testing.assert_array_equal, after, expected)
+
+
+@pytest.mark.parametrize("convention", ["keras", "optax"])
+@pytest.mark.parametrize("name", ["b1", "b2"])
+@pytest.mark.parametrize("value", [1 - 1e-9, 1 - 2**-25, np.array([0.9, 1 - 1e-10])])
+def test_beta_that_rounds_to_one_in_float32_is_refused_where_the_rule_needs_float32(
+  convention, name, value
+):
+  """keras and optax form ``1 - b**t`` from ``b`` rounded to float32: 0 for these values,
+  which made the step ``inf`` or the running maximum ``inf``."""
+  with pytest.raises(ValueError, match=rf"^{name} must be in \[0, 1\) after rounding to float32"):
+    scale_by_amsgrad(**{name: value}, convention=convention)
+
+
+@pytest.mark.parametrize("convention", ["pytorch", "paper"])
+@pytest.mark.parametrize("name", ["b1", "b2"])
+def test_beta_close_to_one_is_fine_where_the_rule_uses_double_precision(convention, name):
+  tx = scale_by_amsgrad(**{name: 1 - 1e-9}, convention=convention)
+  updates, state = tx.update(jnp.array([0.1, -0.2]), tx.init(jnp.ones(2)))
+  assert np.all(np.isfinite(updates))
+  assert np.all(np.isfinite(state.nu_max))
+
+
+@pytest.mark.parametrize("convention", ["keras", "optax"])
+def test_largest_float32_beta_below_one_still_gives_finite_steps(convention):
+  largest = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+  tx = scale_by_amsgrad(b1=largest, b2=largest, convention=convention)
+  updates, state = tx.update(jnp.array([0.1, -0.2]), tx.init(jnp.ones(2)))
+  assert np.all(np.isfinite(updates))
+  assert np.all(np.isfinite(state.nu_max))
