@@ -1,0 +1,320 @@
+"""apply_step: the native one-pass CPU step equals the Optax composition it replaces.
+
+Every comparison runs both paths from the same state: the native kernel through
+``apply_step`` and ``tx.update`` followed by ``optax.apply_updates``. Differences are
+counted in units in the last place (ulps) of each buffer's own dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _peers import in_ci, require
+from _sequences import gradient_sequence, initial_params
+
+import amsgrad_jax
+from amsgrad_jax._native._apply_step import pure_step
+
+STEPS = 100
+ULPS = 2
+SHAPES = {"kernel": (5, 3), "bias": (3,), "scalar": (), "conv": (2, 3, 4), "empty": (0, 4)}
+TARGET = "amsgrad_jax_step"
+DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float64": np.float64}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_kernel() -> None:
+  """These tests are about the native path: it must be active (always in CI)."""
+  status = amsgrad_jax.native_status()
+  if not status.active:
+    if in_ci():
+      pytest.fail(f"the native step must be active in CI: {status.reason}")
+    pytest.skip(f"the native step is not active here: {status.reason}")
+
+
+def ulps(a: jax.Array, b: jax.Array) -> jax.Array:
+  """The largest ``|a - b|`` in ulps of ``a``'s dtype at ``max(|a|, |b|)`` (0 where equal)."""
+  wide = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
+  magnitude = jnp.maximum(jnp.abs(a), jnp.abs(b))
+  spacing = (jnp.nextafter(magnitude, jnp.asarray(jnp.inf, a.dtype)) - magnitude).astype(wide)
+  difference = jnp.abs(a.astype(wide) - b.astype(wide))
+  return jnp.max(jnp.where(a == b, 0.0, difference / spacing), initial=0.0).astype(jnp.float32)
+
+
+def worst_ulps(native: object, pure: object) -> jax.Array:
+  """The largest ulp difference over every floating leaf; integer leaves must be equal."""
+  worst = [jnp.zeros([], jnp.float32)]
+  for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(pure), strict=True):
+    assert a.dtype == b.dtype
+    assert a.shape == b.shape
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      worst.append(ulps(a, b))
+    else:
+      worst.append(jnp.where(jnp.all(a == b), 0.0, jnp.inf).astype(jnp.float32))
+  return jnp.max(jnp.stack(worst))
+
+
+def assert_native_in(lowered_text: str, expected_calls: int | None = None) -> None:
+  calls = lowered_text.count(TARGET)
+  assert calls > 0, "the native kernel was not called"
+  if expected_calls is not None:
+    assert calls == expected_calls, f"{calls} kernel calls, expected {expected_calls}"
+
+
+def per_step_ulps(tx, params, grads_sequence) -> tuple[np.ndarray, str]:
+  """Both paths from the pure path's state at each of the steps, jitted and scanned."""
+
+  def compare(params, grads_sequence):
+    def body(carry, grads):
+      params, state = carry
+      native = amsgrad_jax.apply_step(tx, grads, state, params)
+      pure = pure_step(tx, grads, state, params)
+      return pure, worst_ulps(native, pure)
+
+    _, worst = jax.lax.scan(body, (params, tx.init(params)), grads_sequence)
+    return worst
+
+  lowered = jax.jit(compare).lower(params, grads_sequence)
+  return np.asarray(lowered.compile()(params, grads_sequence)), lowered.as_text()
+
+
+def _mask(params: dict) -> dict:
+  return {name: name != "bias" for name in params}
+
+
+def make_tx(mode: str, convention: str) -> optax.GradientTransformation:
+  """The three ways an alias can apply weight decay, with and without schedules."""
+  if mode == "coupled":
+    return amsgrad_jax.amsgrad(1e-2, convention=convention, weight_decay=0.1)
+  if mode == "decoupled":
+    return amsgradw_with(warmup_cosine, convention)
+  schedule = optax.exponential_decay(3e-2, 10, 0.8)
+  return amsgrad_jax.amsgrad(schedule, b1=0.5, b2=0.99, eps_root=1e-10, convention=convention)
+
+
+def warmup_cosine(count: jax.Array) -> jax.Array:
+  """A learning rate that rises over 10 steps, then falls along a cosine."""
+  t = count.astype(jnp.float32)
+  return 3e-2 * jnp.minimum(t / 10.0, 1.0) * (0.5 + 0.5 * jnp.cos(jnp.pi * t / STEPS))
+
+
+def amsgradw_with(learning_rate, convention: str) -> optax.GradientTransformation:
+  return amsgrad_jax.amsgradw(
+    learning_rate, eps=1e-6, weight_decay=0.05, mask=_mask, convention=convention
+  )
+
+
+MODES = ("coupled", "decoupled", "no-decay")
+# Every rule with every dtype, the decay mode rotating so that each rule and each dtype
+# meets every mode (a Latin square: 12 compilations instead of 36).
+CASES = [
+  (convention, dtype, MODES[(i + j) % len(MODES)])
+  for i, convention in enumerate(amsgrad_jax.CONVENTIONS)
+  for j, dtype in enumerate(DTYPES)
+]
+
+
+@pytest.mark.parametrize(("convention", "dtype", "mode"), CASES)
+def test_native_matches_pure_every_step(convention, dtype, mode):
+  """Spikes (x1e4), exact-zero steps and coordinates, a scalar and an empty leaf."""
+  np_dtype = DTYPES[dtype]
+  with jax.enable_x64(dtype == "float64"):
+    params = jax.tree.map(jnp.asarray, initial_params(np_dtype, shapes=SHAPES))
+    sequence = gradient_sequence(STEPS, np_dtype, shapes=SHAPES)
+    stacked = {name: jnp.asarray(np.stack([g[name] for g in sequence])) for name in SHAPES}
+    worst, text = per_step_ulps(make_tx(mode, convention), params, stacked)
+  assert_native_in(text)
+  assert worst.shape == (STEPS,)
+  assert worst.max() <= ULPS, f"{worst.max()} ulps at step {int(worst.argmax()) + 1}"
+
+
+@pytest.mark.parametrize(
+  ("mu_dtype", "nu_dtype"),
+  [(jnp.bfloat16, jnp.bfloat16), (jnp.bfloat16, None), (None, jnp.bfloat16), (jnp.float32, None)],
+)
+def test_native_matches_pure_with_state_dtypes(mu_dtype, nu_dtype):
+  """State stored narrower or wider than the parameters; nu_max rounded up when narrower."""
+  tx = amsgrad_jax.amsgradw(1e-2, mu_dtype=mu_dtype, nu_dtype=nu_dtype, weight_decay=0.1)
+  params = {
+    "f32": jnp.asarray(initial_params(np.float32, shapes={"w": (6, 5)})["w"]),
+    "bf16": jnp.asarray(initial_params(jnp.bfloat16, shapes={"w": (7,)})["w"]),
+  }
+  shapes = {"f32": (6, 5), "bf16": (7,)}
+  sequence = gradient_sequence(40, np.float32, shapes=shapes)
+  stacked = {
+    name: jnp.asarray(np.stack([g[name] for g in sequence]), params[name].dtype) for name in shapes
+  }
+  worst, text = per_step_ulps(tx, params, stacked)
+  assert_native_in(text)
+  assert worst.max() <= ULPS
+
+
+def mixed_tree(rng: np.random.Generator) -> dict:
+  """Many leaves of many shapes and dtypes, nested, with scalars and empty arrays."""
+  tree: dict = {"layers": [], "empty": jnp.zeros((0,), jnp.float32)}
+  for i in range(30):
+    dtype = jnp.bfloat16 if i % 3 == 0 else jnp.float32
+    shape = [(), (1,), (17,), (4, 9), (2, 3, 5), (0, 3)][i % 6]
+    tree["layers"].append(
+      {"w": jnp.asarray(rng.standard_normal(shape), dtype), "scale": jnp.asarray(1.5, dtype)}
+    )
+  return tree
+
+
+@pytest.mark.parametrize("alias", ["amsgrad", "amsgradw"])
+def test_mixed_tree_one_kernel_call_per_dtype_group(alias):
+  rng = np.random.default_rng(0)
+  params = mixed_tree(rng)
+  if alias == "amsgrad":
+    tx = amsgrad_jax.amsgrad(1e-2, weight_decay=1e-3)
+    groups = 2  # bfloat16 and float32
+  else:
+    tx = amsgrad_jax.amsgradw(1e-2, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+    groups = 4  # each dtype, decayed or not
+  state = tx.init(params)
+  step = jax.jit(amsgrad_jax.apply_step, static_argnums=0)
+  reference = jax.jit(pure_step, static_argnums=0)
+  assert_native_in(step.lower(tx, params, state, params).as_text(), expected_calls=groups)
+  for _ in range(5):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
+    native = step(tx, grads, state, params)
+    pure = reference(tx, grads, state, params)
+    assert jax.tree.structure(native) == jax.tree.structure(pure)
+    assert float(worst_ulps(native, pure)) <= ULPS
+    params, state = pure
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_scalar_and_empty_leaves(jit):
+  tx = amsgrad_jax.amsgrad(0.1)
+  params = {"scalar": jnp.asarray(2.0), "empty": jnp.zeros((0,))}
+  grads = {"scalar": jnp.asarray(-1.0), "empty": jnp.zeros((0,))}
+  state = tx.init(params)
+  step = jax.jit(amsgrad_jax.apply_step, static_argnums=0) if jit else amsgrad_jax.apply_step
+  new_params, new_state = step(tx, grads, state, params)
+  assert float(new_params["scalar"]) == pytest.approx(2.1)
+  assert new_params["empty"].shape == (0,)
+  assert int(new_state[1].count) == 1
+
+
+def train_step_for(tx):
+  """The usual shape of a training step: params and state in, the same order out."""
+
+  def train_step(params, opt_state, grads):
+    return amsgrad_jax.apply_step(tx, grads, opt_state, params)
+
+  return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def test_donated_step_updates_in_place():
+  """memory_analysis shows no buffer beyond the aliased ones, and the data stays put."""
+  tx = amsgrad_jax.amsgrad(1e-2)
+  params = {"w": jnp.ones((256, 1024)), "b": jnp.ones((1024,))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  compiled = train_step_for(tx).lower(params, state, grads).compile()
+  memory = compiled.memory_analysis()
+  model_bytes = sum(x.nbytes for x in jax.tree.leaves((params, state)))
+  assert memory.alias_size_in_bytes == model_bytes
+  assert memory.output_size_in_bytes - model_bytes < 1024  # the output tuple's pointers
+  assert memory.temp_size_in_bytes < 1024, memory  # the 11 step scalars, no model-sized copy
+  assert " copy(" not in compiled.as_text()
+
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves((params, state))]
+  new_params, new_state = compiled(params, state, grads)
+  assert all(x.is_deleted() for x in jax.tree.leaves(params))
+  assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves((new_params, new_state))] == pointers
+
+
+def test_pytorch_parity_through_apply_step():
+  """torch.optim.Adam/AdamW(amsgrad=True) side by side, 120 steps, every rule option."""
+  require("torch")
+  from test_parity_torch import HYPERPARAMETERS, ours_for, run_torch
+  from test_parity_torch import STEPS as TORCH_STEPS
+
+  params0 = initial_params(np.float32)
+  grads = gradient_sequence(TORCH_STEPS, np.float32)
+  for optimizer in ("Adam", "AdamW"):
+    for hyper in HYPERPARAMETERS[:2]:
+      hyper = dict(hyper, weight_decay=0.1)
+      tx = ours_for(optimizer, hyper)
+      step = train_step_for(tx)
+      params = jax.tree.map(jnp.asarray, params0)
+      state = tx.init(params)
+      assert_native_in(step.lower(params, state, params).as_text())
+      theirs = run_torch(optimizer, params0, grads, **hyper)
+      for number, (tree, expected) in enumerate(zip(grads, theirs, strict=True)):
+        params, state = step(params, state, jax.tree.map(jnp.asarray, tree))
+        for name, value in expected.items():
+          scale = float(np.max(np.abs(value), initial=1e-30))
+          np.testing.assert_allclose(
+            params[name], value, rtol=1e-5, atol=1e-5 * scale, err_msg=f"step {number + 1}"
+          )
+
+
+def test_other_transformations_take_the_optax_path():
+  params = {"w": jnp.arange(6.0).reshape(2, 3)}
+  grads = {"w": jnp.ones((2, 3))}
+  inject = optax.inject_hyperparams(amsgrad_jax.amsgrad)(learning_rate=0.1)
+  for tx in (optax.sgd(0.1), inject, optax.chain(optax.clip(1.0), amsgrad_jax.amsgrad(0.1))):
+    state = tx.init(params)
+    lowered = jax.jit(amsgrad_jax.apply_step, static_argnums=0).lower(tx, grads, state, params)
+    assert TARGET not in lowered.as_text()
+    got = amsgrad_jax.apply_step(tx, grads, state, params)
+    expected = pure_step(tx, grads, state, params)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+FALLBACK_SCRIPT = textwrap.dedent(
+  """
+  import jax, jax.numpy as jnp, numpy as np
+  import amsgrad_jax
+  from amsgrad_jax._native._apply_step import pure_step
+
+  status = amsgrad_jax.native_status()
+  assert not status.active and "AMSGRAD_JAX_DISABLE_NATIVE" in status.reason, status
+  tx = amsgrad_jax.amsgradw(1e-2, weight_decay=0.1)
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "s": jnp.asarray(0.5)}
+  grads = jax.tree.map(lambda x: jnp.cos(3.0 * x), params)
+  state = tx.init(params)
+  step = jax.jit(amsgrad_jax.apply_step, static_argnums=0)
+  assert "amsgrad_jax_step" not in step.lower(tx, grads, state, params).as_text()
+  got = step(tx, grads, state, params)
+  expected = jax.jit(pure_step, static_argnums=0)(tx, grads, state, params)
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+  print("fallback ok:", status.reason)
+  """
+)
+
+
+def test_disabled_native_falls_back_to_optax():
+  env = dict(os.environ, AMSGRAD_JAX_DISABLE_NATIVE="1", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-c", FALLBACK_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+    cwd=Path(__file__).parent,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "fallback ok" in result.stdout
+
+
+def test_native_status_explains_itself():
+  status = amsgrad_jax.native_status()
+  assert status.active
+  assert bool(status)
+  assert status.library is not None
+  assert Path(status.library).exists()
+  assert "registered" in status.reason
