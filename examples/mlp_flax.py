@@ -112,6 +112,8 @@ def train_torch(
   """
   import torch  # Imported here so that the example runs without PyTorch installed.
 
+  torch.set_num_threads(1)  # Small matrices: threads only add overhead.
+
   model = torch.nn.Sequential(torch.nn.Linear(D_IN, H), torch.nn.ReLU(), torch.nn.Linear(H, D_OUT))
   model = model.to(torch.float64 if x.dtype == np.float64 else torch.float32)
   hidden, output = model[0], model[2]
