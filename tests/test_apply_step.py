@@ -20,6 +20,8 @@ import optax
 import pytest
 from _peers import in_ci, require
 from _sequences import gradient_sequence, initial_params
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import amsgrad_jax
 from amsgrad_jax._native._apply_step import pure_step
@@ -318,3 +320,53 @@ def test_native_status_explains_itself():
   assert status.library is not None
   assert Path(status.library).exists()
   assert "registered" in status.reason
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_sharded_step_runs_per_shard_without_collectives(axis_type):
+  """On a 4x2 mesh each device steps its own shards: no gather, no reduction."""
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
+  specs = {"w": P("data", "model"), "b": P("model"), "s": P(), "v": P("data")}
+  shardings = {name: NamedSharding(mesh, spec) for name, spec in specs.items()}
+  rng = np.random.default_rng(0)
+  shapes = {"w": (64, 32), "b": (32,), "s": (), "v": (40,)}
+  params = {
+    name: jnp.asarray(rng.standard_normal(shape), jnp.float32) for name, shape in shapes.items()
+  }
+  params = jax.device_put(params, shardings)
+  grads = jax.device_put(jax.tree.map(jnp.cos, params), shardings)
+  tx = amsgrad_jax.amsgradw(1e-2, weight_decay=0.1)
+  state = tx.init(params)
+  compiled = (
+    jax.jit(lambda p, s, g: amsgrad_jax.apply_step(tx, g, s, p))
+    .lower(params, state, grads)
+    .compile()
+  )
+  text = compiled.as_text()
+  assert_native_in(text)
+  assert [name for name in COLLECTIVES if name in text] == []
+  assert "f32[16,16]" in text  # the kernel sees one device's shard of w
+  native = compiled(params, state, grads)
+  pure = jax.jit(lambda p, s, g: pure_step(tx, g, s, p))(params, state, grads)
+  assert float(worst_ulps(native, pure)) <= ULPS
+  for name, sharding in shardings.items():
+    assert native[0][name].sharding.is_equivalent_to(sharding, len(shapes[name]))
+    assert native[1][0].nu_max[name].sharding.is_equivalent_to(sharding, len(shapes[name]))
+
+
+def test_pmap_step_runs_per_device():
+  devices = jax.local_device_count()
+  tx = amsgrad_jax.amsgrad(1e-2, weight_decay=0.1)
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(rng.standard_normal((devices, 6, 5)), jnp.float32)}
+  grads = {"w": jnp.asarray(rng.standard_normal((devices, 6, 5)), jnp.float32)}
+  state = jax.pmap(tx.init)(params)
+  step = jax.pmap(lambda p, s, g: amsgrad_jax.apply_step(tx, g, s, p))
+  assert_native_in(step.lower(params, state, grads).as_text())
+  native = step(params, state, grads)
+  pure = jax.pmap(lambda p, s, g: pure_step(tx, g, s, p))(params, state, grads)
+  assert float(worst_ulps(native, pure)) <= ULPS
