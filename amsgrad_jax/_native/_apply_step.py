@@ -131,6 +131,10 @@ def apply_step(
     >>> params, state = step(tx, {"w": jnp.array([1.0, -1.0])}, state, params)
     >>> params["w"]
     Array([0.9, 2.1], dtype=float32)
+
+  References:
+    Reddi, Kale & Kumar, `On the Convergence of Adam and Beyond
+    <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
   """
   plan = _plan(tx, grads, opt_state, params)
   if plan is None:
