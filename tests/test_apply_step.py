@@ -370,3 +370,75 @@ def test_pmap_step_runs_per_device():
   native = step(params, state, grads)
   pure = jax.pmap(lambda p, s, g: pure_step(tx, g, s, p))(params, state, grads)
   assert float(worst_ulps(native, pure)) <= ULPS
+
+
+def nnx_apply_step(optimizer, model, grads) -> None:
+  """``optimizer.update(model, grads)`` through apply_step (the recipe in docs/guides/native.md)."""
+  nnx = require("flax.nnx")
+  params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+  grads = nnx.as_pure(nnx.state(grads, optimizer.wrt))
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  params, opt_state = amsgrad_jax.apply_step(optimizer.tx, grads, opt_state, params)
+  nnx.update(model, params)
+  nnx.update(optimizer.opt_state, nnx.state(opt_state))
+  optimizer.step[...] += 1
+
+
+def test_nnx_train_step_with_apply_step():
+  """An nnx train step built on apply_step follows nnx.Optimizer.update step for step."""
+  nnx = require("flax.nnx")
+  rng = np.random.default_rng(0)
+  inputs = jnp.asarray(rng.uniform(-2.0, 2.0, (64, 3)), jnp.float32)
+  targets = jnp.sin(inputs[:, :1]) + 0.5 * inputs[:, 1:2]
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(3, 16, rngs=rngs)
+      self.out = nnx.Linear(16, 1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(jnp.tanh(self.hidden(x)))
+
+  def loss_fn(model):
+    return jnp.mean(jnp.square(model(inputs) - targets))
+
+  def make(seed):
+    model = MLP(nnx.Rngs(seed))
+    tx = amsgrad_jax.amsgradw(0.02, weight_decay=1e-3)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def native_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    nnx_apply_step(optimizer, model, grads)
+    return loss
+
+  @nnx.jit
+  def optax_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  native_model, native_optimizer = make(0)
+  optax_model, optax_optimizer = make(0)
+  graphdef, state = nnx.split((native_model, native_optimizer))
+
+  def functional_step(state):  # the same step on nnx.split state, returning the new state
+    model, optimizer = nnx.merge(graphdef, state)
+    native_step(model, optimizer)
+    return nnx.state((model, optimizer))
+
+  assert_native_in(jax.jit(functional_step).lower(state).as_text())
+  initial = float(loss_fn(native_model))
+  for _ in range(60):
+    native_step(native_model, native_optimizer)
+    optax_step(optax_model, optax_optimizer)
+  final = float(loss_fn(native_model))
+  assert final < 0.1 * initial, (initial, final)
+  assert int(native_optimizer.step[...]) == 60
+  np.testing.assert_allclose(final, float(loss_fn(optax_model)), rtol=1e-4)
+  native_params = nnx.state(native_model, nnx.Param)
+  optax_params = nnx.state(optax_model, nnx.Param)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), native_params, optax_params
+  )

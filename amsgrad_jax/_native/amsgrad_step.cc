@@ -307,8 +307,10 @@ ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scala
   }
   const size_t num_chunks = work->chunks.size();
   if (num_chunks == 0) return ffi::Error::Success();
-  const int64_t threads = total < kSerialBelow ? 0 : pool.num_threads();
-  const size_t helpers = std::min<size_t>(threads > 0 ? threads : 0, num_chunks - 1);
+  // The calling thread drains chunks too, so num_threads - 1 helpers keep every core busy
+  // without oversubscribing them (a memory-bound loop gains nothing from more threads).
+  const int64_t threads = total < kSerialBelow ? 1 : pool.num_threads();
+  const size_t helpers = std::min<size_t>(threads > 1 ? threads - 1 : 0, num_chunks - 1);
   for (size_t t = 0; t < helpers; ++t) {
     pool.Schedule([work] { work->Drain(); });
   }
