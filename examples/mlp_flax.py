@@ -205,6 +205,10 @@ def main() -> None:
   args = parser.parse_args()
   if args.float64:
     jax.config.update("jax_enable_x64", True)
+  if args.compare_torch:
+    # GPUs and TPUs multiply float32 matrices in reduced precision by default (TF32, bfloat16
+    # passes); PyTorch on the CPU does not, and the comparison is about the optimizer.
+    jax.config.update("jax_default_matmul_precision", "highest")
   dtype = jnp.float64 if args.float64 else jnp.float32
 
   print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
