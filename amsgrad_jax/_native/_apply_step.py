@@ -107,10 +107,11 @@ def apply_step(
     \theta \leftarrow \theta - \eta \frac{b\, m}{d \sqrt{\hat v + \epsilon_{root}} + \epsilon},
 
   with the rule's coefficients :math:`a, b, d` (see :func:`amsgrad_jax.scale_by_amsgrad`),
-  and every intermediate rounded as the Optax chain rounds it. Under ``jax.jit`` with
-  ``donate_argnums`` for ``opt_state`` and ``params``, the parameters and the state are
-  updated in place. Under a mesh the kernel runs on each shard; under ``pmap`` on each
-  device.
+  and every intermediate rounded as the jitted Optax chain rounds it. Parameters and state
+  are updated in place when a jitted step donates them and returns them in the order it
+  takes them, as ``train_step(params, opt_state, batch) -> (params, opt_state, ...)`` with
+  ``donate_argnums=(0, 1)`` does (``jit`` pairs donated inputs with outputs in order).
+  Under a mesh the kernel runs on each shard; under ``pmap`` on each device.
 
   Args:
     tx: an Optax transformation (natively stepped when built by our aliases).
@@ -127,8 +128,13 @@ def apply_step(
     >>> tx = amsgrad(learning_rate=0.1)
     >>> params = {"w": jnp.array([1.0, 2.0])}
     >>> state = tx.init(params)
-    >>> step = jax.jit(apply_step, static_argnums=0, donate_argnums=(2, 3))
-    >>> params, state = step(tx, {"w": jnp.array([1.0, -1.0])}, state, params)
+    >>> @jax.jit
+    ... def loss_grad(params):
+    ...   return jax.grad(lambda p: jnp.sum(p["w"] * jnp.array([1.0, -1.0])))(params)
+    >>> def train_step(params, state):
+    ...   return apply_step(tx, loss_grad(params), state, params)
+    >>> train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    >>> params, state = train_step(params, state)
     >>> params["w"]
     Array([0.9, 2.1], dtype=float32)
 
