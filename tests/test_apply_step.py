@@ -8,6 +8,7 @@ counted in units in the last place (ulps) of each buffer's own dtype.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -442,3 +443,23 @@ def test_nnx_train_step_with_apply_step():
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), native_params, optax_params
   )
+
+
+def test_the_guide_code_runs_natively():
+  """docs/guides/native.md: its Python blocks, run in order, train with the native step."""
+  require("flax.nnx")
+  page = Path(__file__).resolve().parent.parent / "docs" / "guides" / "native.md"
+  blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.M | re.S)
+  assert len(blocks) >= 3
+  namespace: dict = {"__name__": "docs_native"}
+  # Readers run the code with JAX's default promotion rules, not this suite's strict ones.
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    for number, block in enumerate(blocks):
+      exec(compile(block, f"native.md (block {number + 1})", "exec"), namespace)
+    assert namespace["status"].active
+    lowered = namespace["train_step"].lower(
+      namespace["params"], namespace["opt_state"], jnp.ones((32, 256))
+    )
+  assert_native_in(lowered.as_text())
+  assert int(namespace["optimizer"].step[...]) == 50
+  assert float(namespace["loss"]) < 0.05
