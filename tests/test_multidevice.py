@@ -97,7 +97,9 @@ def sharding_specs(tree):
 # --- pmap ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("convention", amsgrad_jax.CONVENTIONS)
+# Replication is what is under test, not the rule: one correcting after the maximum,
+# one before.
+@pytest.mark.parametrize("convention", ["pytorch", "optax"])
 def test_pmap_data_parallel_step_equals_the_step_on_the_mean_gradient(convention):
   tx = amsgrad_jax.amsgradw(1e-2, convention=convention)
   params = draw(0)
