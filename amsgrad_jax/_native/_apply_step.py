@@ -188,7 +188,7 @@ def _plan(tx: Any, grads: Any, opt_state: Any, params: Any) -> _Plan | None:
     return None
   if not _buffers_fit(grads, opt_state[amsgrad_index], params):
     return None
-  decay_flags = _decay_flags(spec, params)
+  decay_flags = _decay_flags(spec, grads)
   if decay_flags is None:
     return None
   return _Plan(spec, opt_state, amsgrad_index, schedule_index, decay_flags)
@@ -220,18 +220,22 @@ def _buffers_fit(grads: Any, state: ScaleByAmsgradState, params: Any) -> bool:
   return True
 
 
-def _decay_flags(spec: AliasSpec, params: Any) -> list[int] | None:
-  """Each leaf's weight-decay mode, or ``None`` when the mask is not concrete booleans."""
-  leaves = jax.tree.leaves(params)
+def _decay_flags(spec: AliasSpec, grads: Any) -> list[int] | None:
+  """Each leaf's weight-decay mode, or ``None`` when the mask is not concrete booleans.
+
+  A callable mask is called on the updates, as ``optax.masked`` calls it (the gradients'
+  tree, shapes and dtypes).
+  """
+  leaves = jax.tree.leaves(grads)
   if spec.weight_decay == 0:
     return [NO_DECAY] * len(leaves)
   if not spec.decoupled:
     return [COUPLED] * len(leaves)
   if spec.mask is None:
     return [DECOUPLED] * len(leaves)
-  mask = spec.mask(params) if callable(spec.mask) else spec.mask
+  mask = spec.mask(grads) if callable(spec.mask) else spec.mask
   try:
-    flags = _broadcast(mask, params)
+    flags = _broadcast(mask, grads)
   except ValueError:
     return None
   if len(flags) != len(leaves) or not all(isinstance(f, bool | np.bool_) for f in flags):
