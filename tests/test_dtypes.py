@@ -138,65 +138,82 @@ def test_arithmetic_is_float32_even_when_everything_is_stored_narrower(narrow, c
 
 
 def round_up_reference(x: np.ndarray, dtype) -> np.ndarray:
-  """The smallest value of the 16-bit ``dtype`` that is ``>= x``, for ``x >= 0``,
-  found independently in NumPy: round to nearest, then step one bit pattern up."""
+  """The smallest value of ``dtype`` that is ``>= x``, for ``x >= 0``, found
+  independently in NumPy: round to nearest, then step one bit pattern up."""
   assert np.all(x >= 0)
   nearest = x.astype(dtype)
-  next_up = (nearest.view(np.uint16) + np.uint16(1)).view(dtype)
+  bits = np.dtype(f"uint{8 * nearest.dtype.itemsize}")
+  next_up = (nearest.view(bits) + bits.type(1)).view(dtype)
   return np.where(nearest.astype(np.float64) < x.astype(np.float64), next_up, nearest)
 
 
-def dyadic_gradients(rng):
-  """Multiples of 1/8 in [-3, 3]: with b2 = 1/2 every second moment and maximum of 12
-  steps is exact in float32 (at most 22 significant bits), so the float32 reference
-  maximum is the true maximum, whatever XLA fuses, yet too fine for 16-bit storage."""
+def dyadic_gradients(rng, dtype):
+  """Multiples of 1/8 in [-3, 3]. With b2 = 1/2, the second moment after t steps is a
+  multiple of 2^-(6 + t) below 9: exact in float32 for 12 steps (22 significant bits)
+  and in float64 for 40 (50 bits), so the reference maximum is the true maximum
+  whatever XLA fuses, yet too fine for the narrower storage."""
   return {
-    name: jnp.asarray(rng.integers(-24, 25, shape) / 8, jnp.float32)
-    for name, shape in SHAPES.items()
+    name: jnp.asarray(rng.integers(-24, 25, shape) / 8, dtype) for name, shape in SHAPES.items()
   }
 
 
+# (compute dtype = parameter dtype, nu_dtype narrower than it, steps)
+ROUNDING_CASES = [
+  ("float32", "bfloat16", 12),
+  ("float32", "float16", 12),
+  ("float64", "float32", 40),
+]
+
+
 @pytest.mark.parametrize("convention", amsgrad_jax.CONVENTIONS)
-@pytest.mark.parametrize("narrow", ["bfloat16", "float16"])
-def test_narrow_nu_max_is_rounded_up_and_never_enlarges_a_step(narrow, convention):
-  """Against a float32 reference run from the very same stored state, each step:
+@pytest.mark.parametrize(("wide", "narrow", "steps"), ROUNDING_CASES)
+def test_narrow_nu_max_is_rounded_up_and_never_enlarges_a_step(wide, narrow, steps, convention):
+  """Against a reference in the compute dtype run from the very same stored state,
+  each step:
 
   1. the step itself is the reference's (the maximum is rounded only when stored);
   2. the stored ``nu_max`` is the smallest ``narrow`` value >= the true maximum;
   3. the next step from the stored maximum is, element by element, no larger in
      magnitude than the next step from the exact maximum.
   """
-  rng = np.random.default_rng(3)
-  hyper = {"b1": 0.9, "b2": 0.5, "eps": 1e-8, "convention": convention}
-  narrow_tx = amsgrad_jax.scale_by_amsgrad(**hyper, nu_dtype=narrow)
-  reference_tx = amsgrad_jax.scale_by_amsgrad(**hyper)
-  state = narrow_tx.init(draw(rng, "float32"))
-  narrow_step, reference_step = jax.jit(narrow_tx.update), jax.jit(reference_tx.update)
-  rounded_somewhere = False
-  for _ in range(12):
-    grads = dyadic_gradients(rng)
-    widened = state._replace(nu=as_f32(state.nu), nu_max=as_f32(state.nu_max))
-    updates, state = narrow_step(grads, state)
-    want_updates, exact = reference_step(grads, widened)
-    for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(want_updates), strict=True):
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=0)
-    for stored, true_max in zip(
-      jax.tree.leaves(state.nu_max), jax.tree.leaves(exact.nu_max), strict=True
-    ):
-      stored, true_max = np.asarray(stored), np.asarray(true_max)
-      assert np.all(stored.astype(np.float32) >= true_max)
-      np.testing.assert_array_equal(stored, round_up_reference(true_max, stored.dtype))
-      rounded_somewhere |= bool(np.any(true_max.astype(stored.dtype).astype(np.float32) < true_max))
+  with x64_if(wide):
+    rng = np.random.default_rng(3)
+    hyper = {"b1": 0.9, "b2": 0.5, "eps": 1e-8, "convention": convention}
+    narrow_tx = amsgrad_jax.scale_by_amsgrad(**hyper, nu_dtype=narrow)
+    reference_tx = amsgrad_jax.scale_by_amsgrad(**hyper)
+    state = narrow_tx.init(draw(rng, wide))
+    narrow_step, reference_step = jax.jit(narrow_tx.update), jax.jit(reference_tx.update)
 
-    # The next step: the same compiled reference, the same gradient, moments and
-    # count; only the maximum differs, as stored vs exact.
-    probe = draw(rng, "float32")
-    from_stored, _ = reference_step(probe, exact._replace(nu_max=as_f32(state.nu_max)))
-    from_exact, _ = reference_step(probe, exact)
-    for a, b in zip(jax.tree.leaves(from_stored), jax.tree.leaves(from_exact), strict=True):
-      assert np.all(np.abs(np.asarray(a)) <= np.abs(np.asarray(b)))
-  # Round-to-nearest would have stored a value below the true maximum here.
-  assert rounded_somewhere
+    def widen(tree):
+      return jax.tree.map(lambda x: x.astype(wide), tree)
+
+    rounded_somewhere = False
+    for _ in range(steps):
+      grads = dyadic_gradients(rng, wide)
+      widened = state._replace(nu=widen(state.nu), nu_max=widen(state.nu_max))
+      updates, state = narrow_step(grads, state)
+      want_updates, exact = reference_step(grads, widened)
+      rtol = 8 * float(jnp.finfo(wide).eps)
+      for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(want_updates), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol, atol=0)
+      for stored, true_max in zip(
+        jax.tree.leaves(state.nu_max), jax.tree.leaves(exact.nu_max), strict=True
+      ):
+        stored, true_max = np.asarray(stored), np.asarray(true_max)
+        assert stored.dtype == np.dtype(narrow)
+        assert np.all(stored.astype(wide) >= true_max)
+        np.testing.assert_array_equal(stored, round_up_reference(true_max, stored.dtype))
+        rounded_somewhere |= bool(np.any(true_max.astype(narrow).astype(wide) < true_max))
+
+      # The next step: the same compiled reference, the same gradient, moments and
+      # count; only the maximum differs, as stored vs exact.
+      probe = draw(rng, wide)
+      from_stored, _ = reference_step(probe, exact._replace(nu_max=widen(state.nu_max)))
+      from_exact, _ = reference_step(probe, exact)
+      for a, b in zip(jax.tree.leaves(from_stored), jax.tree.leaves(from_exact), strict=True):
+        assert np.all(np.abs(np.asarray(a)) <= np.abs(np.asarray(b)))
+    # Round-to-nearest would have stored a value below the true maximum here.
+    assert rounded_somewhere
 
 
 # Least squares: 128 samples, 16 features, weights ~ N(0, 0.5^2), noise 0.1 (floor 0.007).
