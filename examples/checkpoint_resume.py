@@ -5,7 +5,7 @@ running maximum ``nu_max``, which a restart must not lose) saved with
 ``orbax.checkpoint.StandardCheckpointer``, restored into fresh objects from an abstract
 target built with ``jax.eval_shape``, and a resumed run that equals an uninterrupted one
 exactly. Exits with status 1 if any array differs (``--reset-nu-max`` shows that it does
-when the running maximum is lost). Takes about 10 s on 2 CPU cores.
+when the running maximum is lost). Takes about 6 s on 2 CPU cores.
 
 Usage::
 

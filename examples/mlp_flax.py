@@ -2,8 +2,8 @@
 
 Shows: a jitted, buffer-donating train step with ``amsgrad_jax.amsgrad`` on a Flax NNX model,
 and (``--compare-torch``) that ``convention="pytorch"`` follows ``torch.optim.Adam(amsgrad=True)``
-step for step from the same initial weights and data. Takes about 5 s on 2 CPU cores
-(about 20 s with ``--compare-torch``).
+step for step from the same initial weights and data. Takes about 7 s on 2 CPU cores
+(about 10 s with ``--compare-torch``).
 
 This is the PyTorch listing the project started from, ported to JAX::
 

@@ -5,7 +5,7 @@ split over ``model`` (Megatron-style: the first kernel by columns, the second by
 optimizer state whose ``mu``, ``nu`` and ``nu_max`` carry exactly the parameters'
 shardings, checked leaf by leaf; and the bytes each device holds. ``--pmap`` runs the
 classic data-parallel version instead (replicated parameters and state, gradients averaged
-with ``lax.pmean``). Takes about 10 s on 2 CPU cores.
+with ``lax.pmean``). Takes about 5 s on 2 CPU cores.
 
 Without 8 accelerators, the example asks XLA for 8 CPU devices (before importing jax).
 
