@@ -156,9 +156,9 @@ def full() -> Config:
     leaf_total=4_000_000,
     leaf_counts=(10, 100, 400, 1000),
     many_leaves=(400, 10_000),
-    budget=2.4e8,
+    budget=1.6e8,
     low=4,
-    high=60,
+    high=40,
   )
   transformer = {"vocab": 4096, "width": 512, "depth": 6, "heads": 8, "mlp_ratio": 4}
   cases.append(
@@ -179,7 +179,7 @@ def full() -> Config:
     rounds=3,
     bandwidth_elements=64_000_000,
     bandwidth_repetitions=20,
-    worker_timeout_s=100,
+    worker_timeout_s=60,
     transformer=transformer,
   )
 

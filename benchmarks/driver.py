@@ -64,6 +64,14 @@ def machine() -> dict[str, Any]:
   }
 
 
+def _load_average() -> float | None:
+  """The 1-minute load average: above 0 or so, other work shared the cores."""
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return None
+
+
 def run_worker(
   contender: Contender,
   config_path: Path,
@@ -111,6 +119,7 @@ def run(
   A case that a contender's process did not reach within the config's time limit is
   skipped for that contender in later rounds and listed under ``"timed_out"``.
   """
+  load_at_start = _load_average()
   racing = contenders()
   if only is not None:
     unknown = set(only) - {contender.name for contender in racing}
@@ -163,7 +172,7 @@ def run(
   return {
     "config": run_config,
     "contenders": racing,
-    "machine": machine(),
+    "machine": {**machine(), "load_average": [load_at_start, _load_average()]},
     "bandwidth_rounds": bandwidth_rounds,
     "rounds": rounds,
     "timed_out": {name: sorted(ids) for name, ids in timed_out.items() if ids},

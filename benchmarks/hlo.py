@@ -8,13 +8,16 @@ executable needs: arguments, outputs, what of them aliases (donation) and scratc
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 # Instructions that move no data of their own.
 _FREE = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast", "copy-start"}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+([\w-]+)\(")
-_ARRAY_SHAPE = re.compile(r"\[\d")
+_DIMENSIONS = re.compile(r"\[([\d,]+)\]")
+# Results this small are the step's scalars (bias corrections, stacked coefficients).
+_SMALLEST_ARRAY = 33
 
 
 def cost_summary(compiled: Any, parameter_count: int) -> dict[str, float | None]:
@@ -44,7 +47,8 @@ def memory_summary(compiled: Any) -> dict[str, int | None]:
 
 def array_loops(hlo_text: str) -> int:
   """The loops over arrays in the entry computation: its instructions with an array
-  result (fusions, elementwise ops, custom calls), not counting scalar arithmetic.
+  result (fusions, elementwise ops, custom calls), not counting the arithmetic on the
+  step's scalars.
 
   On XLA:CPU each such instruction is one pass over the memory of its operands and its
   result, since the CPU backend fuses elementwise work into one loop per output.
@@ -57,7 +61,10 @@ def array_loops(hlo_text: str) -> int:
     if match is None:
       continue
     shape, opcode = match.group(1), match.group(2)
-    if opcode in _FREE or not _ARRAY_SHAPE.search(shape):
+    if opcode in _FREE or not any(
+      math.prod(int(d) for d in dims.split(",")) >= _SMALLEST_ARRAY
+      for dims in _DIMENSIONS.findall(shape)
+    ):
       continue
     loops += 1
   return loops

@@ -152,6 +152,11 @@ def _optional(value: float | None, spec: str) -> str:
   return "–" if value is None else format(value, spec)
 
 
+def _load(machine: dict[str, Any]) -> str:
+  start, end = machine.get("load_average") or (None, None)
+  return f"{_optional(start, '.1f')} at the start, {_optional(end, '.1f')} at the end"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -162,6 +167,34 @@ def _reference_case(summary: dict[str, Any]) -> dict[str, Any]:
   """The middle single-leaf headline case (16M parameters in the full run)."""
   single = [c for c in summary["cases"] if c["group"] == "a"]
   return sorted(single, key=lambda c: c["parameters"])[len(single) // 2]
+
+
+def _floors(summary: dict[str, Any], case: dict[str, Any]) -> str:
+  """The reference case against the limit: one pass, XLA's traffic, what was measured."""
+  limit_gbs = summary["bandwidth"]["limit_gbs"]
+  parameters = case["parameters"]
+  ours = summary["results"].get(DEFAULT, {}).get(case["id"], {})
+  xla_bytes = ours.get("xla_bytes_per_param")
+
+  def at_limit(bytes_per_param: float) -> str:
+    return f"{1e3 * parameters * bytes_per_param / (limit_gbs * 1e9):.3g} ms"
+
+  measured = [
+    f"{name} {summary['results'][name][case['id']]['median_ms']:.3g} ms"
+    for name in (DEFAULT, OPTAX, TORCH_FUSED, APPLY_STEP)
+    if case["id"] in summary["results"].get(name, {})
+  ]
+  text = (
+    f"**Floors on {case['label']}** at {limit_gbs:.1f} GB/s: one pass (36 bytes/param) "
+    f"takes {at_limit(36)}"
+  )
+  if xla_bytes is not None:
+    loops = ours.get("loops_per_leaf")
+    text += (
+      f"; the {_optional(loops, '.0f')} loops XLA compiles ({xla_bytes:.0f} bytes/param) "
+      f"take {at_limit(xla_bytes)}"
+    )
+  return text + ". Measured: " + ", ".join(measured) + "."
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -175,7 +208,8 @@ def markdown(summary: dict[str, Any]) -> str:
   lines = [
     f"Measured on {machine['cpu']} ({machine['cores']} CPU cores), {machine['date']}, "
     f"{machine['system']}, Python {machine['python']}, {versions}; "
-    f"{summary['rounds']} rounds of alternating processes, {summary['wall_s']:.0f} s in all.",
+    f"{summary['rounds']} rounds of alternating processes, {summary['wall_s']:.0f} s in all; "
+    f"1-minute load average {_load(machine)} (other work on the same cores).",
     "",
     f"**Memory bandwidth** ({limit['method']}), best [median] GB/s: "
     + ", ".join(
@@ -227,6 +261,7 @@ def markdown(summary: dict[str, Any]) -> str:
     "aliased MB",
     "temp bytes",
     "state bytes/param",
+    f"compile s, {many['label']}" if many else "compile s (b)",
   ]
   rows = []
   for name in names:
@@ -244,10 +279,12 @@ def markdown(summary: dict[str, Any]) -> str:
         _optional(None if entry.get("alias_bytes") is None else entry["alias_bytes"] / 1e6, ".0f"),
         _optional(entry.get("temp_bytes"), ".0f"),
         _optional(entry.get("state_bytes_per_param"), ".1f"),
+        _optional((many_entry or {}).get("compile_s"), ".1f"),
       ]
     )
   lines += _table(header, rows)
 
+  lines += ["", _floors(summary, reference)]
   lines += ["", "**Ratios of median times** (below 1: the first is faster)", ""]
   has_apply_step = APPLY_STEP in results
   header = ["case", f"{DEFAULT} / {OPTAX}", f"{DEFAULT} / {TORCH_FUSED}"]
