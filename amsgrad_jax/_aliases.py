@@ -57,6 +57,26 @@ def _is_zero(value: Any) -> bool:
   return number is not None and number == 0.0
 
 
+def _gradients_checked(decay: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``decay``, checking first that the gradients match the parameters and are floating.
+
+  ``add_decayed_weights`` maps over gradients and parameters together, so in front of
+  :func:`scale_by_amsgrad` a mismatched gradient tree would otherwise fail inside
+  ``jax.tree.map`` before the transform could name the mismatch. The state is
+  ``decay``'s own, so the chain's layout does not change.
+  """
+
+  def update_fn(
+    updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, optax.OptState]:
+    if params is not None:
+      _validation.check_same_structure(updates, params, against="parameters")
+    _validation.check_float_leaves(updates, "gradients")
+    return decay.update(updates, state, params)
+
+  return optax.GradientTransformation(decay.init, update_fn)
+
+
 def amsgrad(
   learning_rate: optax.ScalarOrSchedule,
   b1: float | jax.Array = 0.9,
@@ -109,7 +129,11 @@ def amsgrad(
   _validation.check_weight_decay(weight_decay)
   # identity() keeps the chain's state layout when the decay is a concrete zero, so a
   # state built with weight_decay=0.0 still matches one built under inject_hyperparams.
-  decay = optax.identity() if _is_zero(weight_decay) else optax.add_decayed_weights(weight_decay)
+  decay = (
+    optax.identity()
+    if _is_zero(weight_decay)
+    else _gradients_checked(optax.add_decayed_weights(weight_decay))
+  )
   chain = optax.chain(
     decay,
     scale_by_amsgrad(

@@ -169,12 +169,18 @@ def _paths(tree: Any) -> list[str]:
   return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def check_same_structure(updates: Any, state_like: Any) -> None:
-  """Raise ``ValueError`` naming the difference when ``updates`` does not match the state."""
+def check_same_structure(
+  updates: Any, state_like: Any, *, against: str = "optimizer state"
+) -> None:
+  """Raise ``ValueError`` naming the difference when ``updates`` does not match ``state_like``.
+
+  ``against`` names what ``state_like`` is in the message: the optimizer state, or the
+  parameters (for a weight decay that maps over gradients and parameters together).
+  """
   updates_def = jax.tree.structure(updates)
   state_def = jax.tree.structure(state_like)
   if updates_def == state_def:
-    _check_same_shapes(updates, state_like)
+    _check_same_shapes(updates, state_like, against)
     return
   update_paths, state_paths = _paths(updates), _paths(state_like)
   missing = [p for p in state_paths if p not in set(update_paths)]
@@ -183,24 +189,23 @@ def check_same_structure(updates: Any, state_like: Any) -> None:
   if missing:
     detail.append(f"missing from the gradients: {_short(missing)}")
   if extra:
-    detail.append(f"not in the optimizer state: {_short(extra)}")
+    detail.append(f"not in the {against}: {_short(extra)}")
   if not detail:
-    detail.append(f"gradients are {updates_def}, state is {state_def}")
+    detail.append(f"gradients are {updates_def}, {against} is {state_def}")
+  hint = " (was the state built with init on these parameters?)" if "state" in against else ""
   raise ValueError(
-    "The gradient tree does not match the optimizer state (was the state built "
-    "with init on these parameters?): " + "; ".join(detail) + "."
+    f"The gradient tree does not match the {against}{hint}: " + "; ".join(detail) + "."
   )
 
 
-def _check_same_shapes(updates: Any, state_like: Any) -> None:
+def _check_same_shapes(updates: Any, state_like: Any, against: str) -> None:
   for (path, update), state_leaf in zip(
     jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(state_like), strict=True
   ):
     if np.shape(update) != np.shape(state_leaf):
       raise ValueError(
         f"The gradient at {jax.tree_util.keystr(path) or '(root)'} has shape "
-        f"{np.shape(update)}, but the optimizer state there has shape "
-        f"{np.shape(state_leaf)}."
+        f"{np.shape(update)}, but the {against} there has shape {np.shape(state_leaf)}."
       )
 
 

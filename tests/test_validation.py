@@ -27,6 +27,8 @@ FACTORIES: dict[str, Callable[..., optax.GradientTransformation]] = {
   "scale_by_amsgrad": scale_by_amsgrad,
   "amsgrad": lambda **kw: amsgrad(**{"learning_rate": 1e-3, **kw}),
   "amsgradw": lambda **kw: amsgradw(**{"learning_rate": 1e-3, **kw}),
+  # coupled decay maps over gradients and parameters before the transform sees them
+  "amsgrad-l2": lambda **kw: amsgrad(**{"learning_rate": 1e-3, "weight_decay": 1e-2, **kw}),
 }
 ALIASES = ("amsgrad", "amsgradw")
 
@@ -310,19 +312,19 @@ MISMATCHES: list[tuple[str, Any, type[Exception], str]] = [
     "extra key",
     {"w": jnp.ones((2, 3)), "b": jnp.ones(3), "c": jnp.ones(1)},
     ValueError,
-    r"not in the optimizer state: \['c'\]",
+    r"not in the (optimizer state|parameters): \['c'\]",
   ),
   (
     "renamed key",
     {"w": jnp.ones((2, 3)), "bias": jnp.ones(3)},
     ValueError,
-    r"missing from the gradients: \['b'\]; not in the optimizer state: \['bias'\]",
+    r"missing from the gradients: \['b'\]; not in the (optimizer state|parameters): \['bias'\]",
   ),
   (
     "list instead of dict",
     [jnp.ones(3), jnp.ones((2, 3))],
     ValueError,
-    r"missing from the gradients: \['b'\], \['w'\]; not in the optimizer state: \[0\], \[1\]",
+    r"missing from the gradients: \['b'\], \['w'\]; not in the (optimizer state|parameters): \[0\], \[1\]",
   ),
   (
     "None instead of a leaf",
@@ -334,9 +336,9 @@ MISMATCHES: list[tuple[str, Any, type[Exception], str]] = [
     "shape mismatch",
     {"w": jnp.ones((3, 2)), "b": jnp.ones(3)},
     ValueError,
-    re.escape(
-      "The gradient at ['w'] has shape (3, 2), but the optimizer state there has shape (2, 3)"
-    ),
+    re.escape("The gradient at ['w'] has shape (3, 2), but the ")
+    + "(optimizer state|parameters)"
+    + re.escape(" there has shape (2, 3)"),
   ),
   (
     "broadcastable shape",
