@@ -205,7 +205,8 @@ def _check_same_shapes(updates: Any, state_like: Any, against: str) -> None:
     if np.shape(update) != np.shape(state_leaf):
       raise ValueError(
         f"The gradient at {jax.tree_util.keystr(path) or '(root)'} has shape "
-        f"{np.shape(update)}, but the {against} there has shape {np.shape(state_leaf)}."
+        f"{np.shape(update)}, but the {against} there {'have' if against.endswith('s') else 'has'} "
+        f"shape {np.shape(state_leaf)}."
       )
 
 

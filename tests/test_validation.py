@@ -337,8 +337,8 @@ MISMATCHES: list[tuple[str, Any, type[Exception], str]] = [
     {"w": jnp.ones((3, 2)), "b": jnp.ones(3)},
     ValueError,
     re.escape("The gradient at ['w'] has shape (3, 2), but the ")
-    + "(optimizer state|parameters)"
-    + re.escape(" there has shape (2, 3)"),
+    + "(optimizer state there has|parameters there have)"
+    + re.escape(" shape (2, 3)"),
   ),
   (
     "broadcastable shape",
