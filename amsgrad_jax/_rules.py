@@ -128,7 +128,12 @@ def amsgrad_step(
   treatment); all three are real for a rule that splits complex numbers.
   """
   a, b, d = coefficients
-  nu_max = jnp.maximum(nu_max, nu if isinstance(a, float) and a == 1.0 else a * nu)
+  if isinstance(a, float) and a == 1.0:
+    # A lone ``maximum`` is compiled by XLA:CPU's older single-instruction emitter, whose
+    # loop moves every vector through the stack; multiplying by a 1 that XLA cannot fold
+    # makes it a fusion with a plain vectorised loop. ``a * nu == nu`` exactly.
+    a = jax.lax.optimization_barrier(jnp.ones((), nu.dtype))
+  nu_max = jnp.maximum(nu_max, a * nu)
   root = jnp.sqrt(nu_max + eps_root)
   denominator = (root if isinstance(d, float) and d == 1.0 else d * root) + eps
   numerator = mu if isinstance(b, float) and b == 1.0 else b * mu
