@@ -112,7 +112,13 @@ def contenders() -> list[Contender]:
       ("single-tensor", {"foreach": False}),
     )
   ]
-  return [*ours, *optax_contenders, *torch_contenders]
+  # The comparisons that matter most race next to each other in every round, so that a
+  # change in the machine's load between their processes is least likely.
+  default, *other_rules = [c for c in ours if c.apply == "optax"]
+  native = [c for c in ours if c.apply == "apply_step"]
+  fused, *other_torch = torch_contenders
+  optax_amsgrad, optax_adam = optax_contenders
+  return [default, optax_amsgrad, *native, fused, optax_adam, *other_rules, *other_torch]
 
 
 def by_name(name: str) -> Contender:
