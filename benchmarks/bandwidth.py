@@ -1,7 +1,7 @@
 """The memory-bandwidth limit of this machine, measured with all cores.
 
-``stream.c`` (STREAM's copy and triad, and an in-place update ``c = c + s*b``, in
-float32, with OpenMP over every core) is compiled at run time with
+``stream.c`` (STREAM's copy and triad, an in-place update ``c = c + s*b``, and a kernel
+with the memory traffic of one AMSGrad pass, in float32, with OpenMP over every core) is compiled at run time with
 ``cc -O3 -march=native -fopenmp``; each round of the benchmark runs it once, in its own
 process, between the contenders. Its arrays are far larger than the last-level cache.
 Bytes are counted as STREAM counts them (what each loop reads and writes), the way the
@@ -27,7 +27,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp")
 # Keeps the copy a vectorised loop: GCC would otherwise call memcpy, which switches to
 # non-temporal stores for large copies and then measures something else.
 GCC_ONLY_FLAGS = ("-fno-tree-loop-distribute-patterns",)
-KERNELS = ("copy", "triad", "update")
+KERNELS = ("copy", "triad", "update", "step")
 
 
 def build(directory: Path) -> Path | None:
@@ -93,6 +93,8 @@ def _numpy_fallback(elements: int, repetitions: int) -> dict[str, Any]:
     "triad_median_gbs": 12 * elements / triad_s[len(triad_s) // 2] * 1e-9,
     "update_best_gbs": None,
     "update_median_gbs": None,
+    "step_best_gbs": None,
+    "step_median_gbs": None,
     "method": "NumPy on one thread (no C compiler found): a lower bound on the limit",
   }
 

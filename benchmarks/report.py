@@ -219,7 +219,7 @@ def markdown(summary: dict[str, Any]) -> str:
     )
     + f". **Limit: {limit['limit_gbs']:.1f} GB/s.**",
     "",
-    "**Time per update step (case d: per 500-step loop), ms, median [min–max] over rounds**",
+    "**Time per update step (case d: per whole training loop), ms, median [min–max] over rounds**",
     "",
   ]
   header = ["contender", *[f"({c['group']}) {c['label']}" for c in headline]]
