@@ -179,7 +179,7 @@ def full() -> Config:
     rounds=3,
     bandwidth_elements=64_000_000,
     bandwidth_repetitions=20,
-    worker_timeout_s=90,
+    worker_timeout_s=60,
     transformer=transformer,
   )
 

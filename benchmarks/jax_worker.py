@@ -45,9 +45,12 @@ def step_function(contender: Contender, tx: optax.GradientTransformation) -> Any
 
 
 def _random_like(tree: Any, rng: np.random.Generator, scale: float) -> Any:
-  """Float32 normals of ``scale`` shaped like ``tree``'s leaves (shapes or arrays)."""
+  """Float32 numbers uniform in ``[-scale, scale)`` shaped like ``tree``'s leaves (shapes or
+  arrays); uniform rather than normal only because it is several times faster to draw."""
   return jax.tree.map(
-    lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * np.float32(scale)),
+    lambda leaf: jnp.asarray(
+      (rng.random(leaf.shape, np.float32) - np.float32(0.5)) * np.float32(2 * scale)
+    ),
     tree,
   )
 

@@ -33,8 +33,8 @@ def time_step_case(contender: Contender, case: Case) -> dict[str, Any]:
   generator = torch.Generator().manual_seed(0)
   params = []
   for shape in case.shapes:
-    param = torch.randn(shape, generator=generator).requires_grad_()
-    param.grad = torch.randn(shape, generator=generator) * 1e-2
+    param = (torch.rand(shape, generator=generator) * 2 - 1).requires_grad_()
+    param.grad = (torch.rand(shape, generator=generator) * 2 - 1) * 1e-2
     params.append(param)
   optimizer = _optimizer(contender, params, STEP_LEARNING_RATE)
   times = []
