@@ -463,3 +463,20 @@ def test_the_guide_code_runs_natively():
   assert_native_in(lowered.as_text())
   assert int(namespace["optimizer"].step[...]) == 50
   assert float(namespace["loss"]) < 0.05
+
+
+def test_vmapped_step_takes_the_optax_path():
+  """Under jax.vmap (an ensemble of optimizers) the step is the vmapped Optax composition."""
+  tx = amsgrad_jax.amsgradw(1e-2, weight_decay=0.1)
+  rng = np.random.default_rng(2)
+  params = {"w": jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32)}
+  grads = {"w": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)}  # shared by the ensemble
+  state = jax.vmap(tx.init)(params)
+
+  def vmapped(step):
+    return jax.jit(jax.vmap(lambda p, s, g: step(tx, g, s, p), in_axes=(0, 0, None)))
+
+  native = vmapped(amsgrad_jax.apply_step)(params, state, grads)
+  pure = vmapped(pure_step)(params, state, grads)
+  jax.tree.map(np.testing.assert_array_equal, native, pure)
+  assert native[0]["w"].shape == (3, 4, 5)

@@ -9,6 +9,7 @@ rate) is computed here, in JAX, by the same functions the transformation uses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -142,10 +143,32 @@ def apply_step(
     Reddi, Kale & Kumar, `On the Convergence of Adam and Beyond
     <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
   """
-  plan = _plan(tx, grads, opt_state, params)
-  if plan is None:
+  if _plan(tx, grads, opt_state, params) is None:
     return pure_step(tx, grads, opt_state, params)
-  return _native_step(plan, grads, params)
+  return _native_unless_vmapped(tx)(grads, opt_state, params)
+
+
+def _native_unless_vmapped(tx: Any) -> Any:
+  """The native step; under ``jax.vmap``, the Optax path vmapped (the kernel has no rule
+  for a batch axis, and ``custom_partitioning`` none for batching)."""
+
+  @jax.custom_batching.custom_vmap
+  def native(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+    plan = _plan(tx, grads, opt_state, params)
+    assert plan is not None  # _plan has accepted these trees once already
+    return _native_step(plan, grads, params)
+
+  @native.def_vmap
+  def batched(
+    axis_size: int, in_batched: Any, grads: Any, opt_state: Any, params: Any
+  ) -> tuple[tuple[Any, Any], Any]:
+    del axis_size
+    in_axes = jax.tree.map(lambda is_batched: 0 if is_batched else None, tuple(in_batched))
+    step = jax.vmap(functools.partial(pure_step, tx), in_axes=in_axes)
+    result = step(grads, opt_state, params)
+    return result, jax.tree.map(lambda _: True, result)
+
+  return native
 
 
 @dataclass(frozen=True)
