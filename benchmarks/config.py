@@ -16,6 +16,8 @@ from typing import Any
 # Learning rates: a typical one for the update-step cases, the MLP listing's for its loop.
 STEP_LEARNING_RATE = 1e-3
 MLP_LEARNING_RATE = 1e-4
+# Timed steps per case and process, at the least (unless a case asks for fewer).
+MIN_REPETITIONS = 3
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,10 @@ class Case:
     shapes: the parameter shapes of a ``"step"`` case, one per leaf.
     model: ``"transformer"`` when the tree is a Flax model's, built by the JAX worker.
     steps: training steps of a ``"loop"`` case.
-    repetitions: timed steps (or loops) per process, after ``warmup`` untimed ones.
+    repetitions: at most this many timed steps (or loops) per process, after ``warmup``
+      untimed ones.
+    time_budget_s: stop timing once the timed steps add up to this many seconds and
+      :data:`MIN_REPETITIONS` have run, so a slow contender cannot stall the run.
   """
 
   id: str
@@ -43,6 +48,13 @@ class Case:
   steps: int = 0
   repetitions: int = 1
   warmup: int = 1
+  time_budget_s: float = 1.0
+
+  def done(self, times: list[float]) -> bool:
+    """Whether ``times`` (the timed steps so far) are enough."""
+    if len(times) >= self.repetitions:
+      return True
+    return len(times) >= MIN_REPETITIONS and sum(times) >= self.time_budget_s
 
   @property
   def parameter_count(self) -> int:

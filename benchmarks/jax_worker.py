@@ -82,12 +82,14 @@ def time_step_case(contender: Contender, case: Case, config: Config) -> dict[str
   }
 
   times = []
-  for index in range(case.warmup + case.repetitions):
+  index = 0
+  while not case.done(times):
     start = time.perf_counter()
     params, opt_state = compiled(params, opt_state, grads)
     jax.block_until_ready((params, opt_state))
     if index >= case.warmup:
       times.append(time.perf_counter() - start)
+    index += 1
   return {
     "times_s": times,
     "compile_s": compile_s,

@@ -38,11 +38,13 @@ def time_step_case(contender: Contender, case: Case) -> dict[str, Any]:
     params.append(param)
   optimizer = _optimizer(contender, params, STEP_LEARNING_RATE)
   times = []
-  for index in range(case.warmup + case.repetitions):
+  index = 0
+  while not case.done(times):
     start = time.perf_counter()
     optimizer.step()
     if index >= case.warmup:
       times.append(time.perf_counter() - start)
+    index += 1
   parameter_count = sum(param.numel() for param in params)
   state_bytes = sum(
     value.numel() * value.element_size()
