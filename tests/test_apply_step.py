@@ -480,3 +480,18 @@ def test_vmapped_step_takes_the_optax_path():
   pure = vmapped(pure_step)(params, state, grads)
   jax.tree.map(np.testing.assert_array_equal, native, pure)
   assert native[0]["w"].shape == (3, 4, 5)
+
+
+def test_large_groups_split_into_calls_of_bounded_size():
+  """130 leaves of one dtype: three kernel calls (XLA compiles huge calls slowly)."""
+  from amsgrad_jax._native._apply_step import LEAVES_PER_CALL
+
+  tx = amsgrad_jax.amsgrad(1e-2)
+  params = [jnp.full((3,), float(i)) for i in range(130)]
+  grads = [jnp.ones((3,)) for _ in range(130)]
+  state = tx.init(params)
+  lowered = jax.jit(amsgrad_jax.apply_step, static_argnums=0).lower(tx, grads, state, params)
+  assert_native_in(lowered.as_text(), expected_calls=-(-130 // LEAVES_PER_CALL))
+  native = lowered.compile()(grads, state, params)
+  pure = jax.jit(pure_step, static_argnums=0)(tx, grads, state, params)
+  assert float(worst_ulps(native, pure)) <= ULPS
