@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import bandwidth, config, models
+from benchmarks.contenders import DEFAULT as PAIR_DEFAULT
+from benchmarks.contenders import OPTAX as PAIR_OPTAX
 from benchmarks.contenders import Contender, contenders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +110,29 @@ def run_worker(
   return result
 
 
+def run_paired(scratch_dir: Path, run_config: config.Config, env: dict[str, str]) -> dict[str, Any]:
+  """One process timing amsgrad_jax and optax.amsgrad alternately (:mod:`benchmarks.paired`)."""
+  config_path = scratch_dir / "config-paired.json"
+  config_path.write_text(run_config.to_json())
+  result_path = scratch_dir / "paired.json"
+  result_path.unlink(missing_ok=True)
+  command = [sys.executable, "-m", "benchmarks.paired", str(config_path), str(result_path)]
+  try:
+    completed = subprocess.run(
+      command,
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=run_config.worker_timeout_s,
+    )
+  except subprocess.TimeoutExpired:
+    return {"error": f"stopped after {run_config.worker_timeout_s} s"}
+  if completed.returncode != 0:
+    return {"error": completed.stderr[-4000:]}
+  return json.loads(result_path.read_text())
+
+
 def run(
   run_config: config.Config,
   only: list[str] | None = None,
@@ -135,6 +160,7 @@ def run(
   bandwidth_rounds: list[dict[str, Any]] = []
   rounds: dict[str, list[dict[str, Any]]] = {contender.name: [] for contender in racing}
   timed_out: dict[str, set[str]] = {contender.name: set() for contender in racing}
+  paired_rounds: list[dict[str, Any]] = []
   with tempfile.TemporaryDirectory(prefix="amsgrad-bench-") as scratch:
     scratch_dir = Path(scratch)
     binary = bandwidth.build(scratch_dir)
@@ -169,6 +195,13 @@ def run(
           f"round {round_index + 1}/{run_config.rounds}  {contender.name:<28} {status}"
           f"  ({time.perf_counter() - start:.0f} s so far)"
         )
+      if {PAIR_DEFAULT, PAIR_OPTAX} <= {contender.name for contender in racing}:
+        paired_rounds.append(run_paired(scratch_dir, run_config, env))
+        log(
+          f"round {round_index + 1}/{run_config.rounds}  {'paired in one process':<28} "
+          f"{'FAILED' if 'error' in paired_rounds[-1] else 'done'}"
+          f"  ({time.perf_counter() - start:.0f} s so far)"
+        )
   return {
     "config": run_config,
     "contenders": racing,
@@ -176,5 +209,6 @@ def run(
     "bandwidth_rounds": bandwidth_rounds,
     "rounds": rounds,
     "timed_out": {name: sorted(ids) for name, ids in timed_out.items() if ids},
+    "paired_rounds": paired_rounds,
     "wall_s": time.perf_counter() - start,
   }

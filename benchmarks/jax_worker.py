@@ -44,7 +44,7 @@ def step_function(contender: Contender, tx: optax.GradientTransformation) -> Any
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def _random_like(tree: Any, rng: np.random.Generator, scale: float) -> Any:
+def random_like(tree: Any, rng: np.random.Generator, scale: float) -> Any:
   """Float32 numbers uniform in ``[-scale, scale)`` shaped like ``tree``'s leaves (shapes or
   arrays); uniform rather than normal only because it is several times faster to draw."""
   return jax.tree.map(
@@ -55,7 +55,8 @@ def _random_like(tree: Any, rng: np.random.Generator, scale: float) -> Any:
   )
 
 
-def _parameters(case: Case, config: Config) -> Any:
+def parameters(case: Case, config: Config) -> Any:
+  """The case's parameter tree with ``jax.ShapeDtypeStruct`` leaves."""
   if case.model == "transformer":
     return models.abstract_transformer_params(config.transformer)
   return [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in case.shapes]
@@ -64,9 +65,9 @@ def _parameters(case: Case, config: Config) -> Any:
 def time_step_case(contender: Contender, case: Case, config: Config) -> dict[str, Any]:
   """Times and compiled-step facts of one update-step case."""
   rng = np.random.default_rng(0)
-  abstract = _parameters(case, config)
-  params = _random_like(abstract, rng, 1.0)
-  grads = _random_like(abstract, rng, 1e-2)
+  abstract = parameters(case, config)
+  params = random_like(abstract, rng, 1.0)
+  grads = random_like(abstract, rng, 1e-2)
   tx = contender.make_tx(STEP_LEARNING_RATE)
   opt_state = tx.init(params)
   parameter_count = sum(leaf.size for leaf in jax.tree.leaves(params))

@@ -98,3 +98,4 @@ def test_limit_and_compiled_step_facts(quick_run: tuple[Path, str]) -> None:
   ratio = summary["ratios"]["leaf-16000"]
   assert ratio["ours_vs_optax"] > 0
   assert ratio["ours_vs_torch_fused"] > 0
+  assert ratio["ours_vs_optax_same_process"] > 0
