@@ -51,7 +51,9 @@ def plot(summary: dict[str, Any], static_dir: Path) -> list[Path]:
   _draw(ax, _series(summary, single, "parameters"))
   sizes = sorted(c["parameters"] for c in single)
   floor = [n * ONE_PASS_BYTES_PER_PARAM["amsgrad"] / (limit_gbs * 1e9) * 1e3 for n in sizes]
-  ax.plot(sizes, floor, color="black", linewidth=1, label=f"one pass at {limit_gbs:.0f} GB/s")
+  ax.plot(
+    sizes, floor, color="black", linewidth=1, label=f"one AMSGrad pass at {limit_gbs:.0f} GB/s"
+  )
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("parameters (one float32 leaf)")
