@@ -288,8 +288,8 @@ def markdown(summary: dict[str, Any]) -> str:
       [
         name,
         _optional(entry.get("xla_bytes_per_param"), ".1f"),
-        _optional(entry.get("loops_per_leaf"), ".0f"),
-        _optional((many_entry or {}).get("loops_per_leaf"), ".0f"),
+        _optional(entry.get("loops_per_leaf"), ".3g"),
+        _optional((many_entry or {}).get("loops_per_leaf"), ".3g"),
         _optional(None if entry.get("alias_bytes") is None else entry["alias_bytes"] / 1e6, ".0f"),
         _optional(entry.get("temp_bytes"), ".0f"),
         _optional(entry.get("state_bytes_per_param"), ".1f"),
