@@ -1,9 +1,11 @@
 """Run the contenders in alternating processes, round after round, and collect the times.
 
 Every round starts with the bandwidth probe, then starts one fresh process per contender
-in a fixed order (A B C ... A B C ...), each timing its contender on every case. Nothing
-is shared between processes: a PyTorch step leaves OpenMP threads spinning that would
-slow whatever ran next in the same process, and every contender pays its own start-up.
+in a fixed order (A B C ... A B C ...), each timing its contender on every case, and ends
+with one process timing amsgrad_jax and optax.amsgrad side by side
+(:mod:`benchmarks.paired`). Nothing is shared between processes: a PyTorch step leaves
+OpenMP threads spinning that would slow whatever ran next in the same process, and every
+contender pays its own start-up.
 """
 
 from __future__ import annotations
