@@ -264,6 +264,18 @@ def test_pytorch_parity_through_apply_step():
           )
 
 
+def test_complex_parameters_take_the_optax_path():
+  tx = amsgrad_jax.amsgrad(0.1, weight_decay=0.1)
+  params = {"z": jnp.asarray([1.0 + 2.0j, -0.5j], jnp.complex64), "x": jnp.ones((3,))}
+  grads = {"z": jnp.asarray([0.5 - 1.0j, 2.0 + 0.0j], jnp.complex64), "x": jnp.ones((3,))}
+  state = tx.init(params)
+  lowered = jax.jit(amsgrad_jax.apply_step, static_argnums=0).lower(tx, grads, state, params)
+  assert TARGET not in lowered.as_text()
+  got = lowered.compile()(grads, state, params)
+  expected = jax.jit(pure_step, static_argnums=0)(tx, grads, state, params)
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
 def test_other_transformations_take_the_optax_path():
   params = {"w": jnp.arange(6.0).reshape(2, 3)}
   grads = {"w": jnp.ones((2, 3))}
