@@ -253,8 +253,12 @@ struct Work {
   }
 };
 
-// Elements per chunk: large enough to amortise scheduling, small enough to balance.
-constexpr size_t kChunk = 1 << 15;
+// Elements per chunk: from 32k up to 1M, aiming at 4 chunks a thread. Long contiguous runs
+// keep the hardware prefetchers streaming (one 16M leaf: 32k chunks 8.5 ms, 1M chunks
+// 8.1 ms); several chunks a thread still balance leaves of different sizes.
+constexpr size_t kMinChunk = size_t{1} << 15;
+constexpr size_t kMaxChunk = size_t{1} << 20;
+constexpr size_t kChunksPerThread = 4;
 // Below this many elements in total the step runs on the calling thread alone.
 constexpr size_t kSerialBelow = 1 << 16;
 
@@ -272,6 +276,8 @@ ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scala
   std::memcpy(work->scalars, scalars.untyped_data(), scalar_bytes);
   work->leaves.reserve(num_leaves);
   size_t total = 0;
+  std::vector<size_t> sizes;
+  sizes.reserve(num_leaves);
   for (size_t i = 0; i < num_leaves; ++i) {
     ffi::AnyBuffer in[5] = {*args.get<ffi::AnyBuffer>(5 * i), *args.get<ffi::AnyBuffer>(5 * i + 1),
                             *args.get<ffi::AnyBuffer>(5 * i + 2),
@@ -300,16 +306,21 @@ ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scala
     }
     work->leaves.push_back({out[0].untyped_data(), in[1].untyped_data(), out[1].untyped_data(),
                             out[2].untyped_data(), out[3].untyped_data()});
-    for (size_t begin = 0; begin < n; begin += kChunk) {
-      work->chunks.push_back({static_cast<uint32_t>(i), begin, std::min(n, begin + kChunk)});
-    }
+    sizes.push_back(n);
     total += n;
+  }
+  // The calling thread drains chunks too, so num_threads - 1 helpers keep every core busy
+  // without oversubscribing them (a memory-bound loop gains nothing from more threads).
+  const int64_t threads = total < kSerialBelow ? 1 : std::max<int64_t>(1, pool.num_threads());
+  const size_t chunk = std::clamp<size_t>(
+      total / (kChunksPerThread * static_cast<size_t>(threads)), kMinChunk, kMaxChunk);
+  for (size_t i = 0; i < num_leaves; ++i) {
+    for (size_t begin = 0; begin < sizes[i]; begin += chunk) {
+      work->chunks.push_back({static_cast<uint32_t>(i), begin, std::min(sizes[i], begin + chunk)});
+    }
   }
   const size_t num_chunks = work->chunks.size();
   if (num_chunks == 0) return ffi::Error::Success();
-  // The calling thread drains chunks too, so num_threads - 1 helpers keep every core busy
-  // without oversubscribing them (a memory-bound loop gains nothing from more threads).
-  const int64_t threads = total < kSerialBelow ? 1 : pool.num_threads();
   const size_t helpers = std::min<size_t>(threads > 1 ? threads - 1 : 0, num_chunks - 1);
   for (size_t t = 0; t < helpers; ++t) {
     pool.Schedule([work] { work->Drain(); });
