@@ -7,7 +7,13 @@ framework on the very same arrays.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 SHAPES: dict[str, tuple[int, ...]] = {
   "kernel": (5, 3),
@@ -48,3 +54,20 @@ def _draw(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> 
   if dtype.kind == "c":
     return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
   return rng.standard_normal(shape).astype(dtype)
+
+
+def run_steps(
+  tx: optax.GradientTransformation, params0: Any, grads: list[Any], *, jit: bool = True
+) -> Iterator[tuple[Any, Any]]:
+  """Yield ``(params, state)`` after every step of ``tx`` on ``grads``."""
+  params = jax.tree.map(jnp.asarray, params0)
+  state = tx.init(params)
+
+  def step(params, state, g):
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step) if jit else step
+  for tree in grads:
+    params, state = step(params, state, jax.tree.map(jnp.asarray, tree))
+    yield params, state

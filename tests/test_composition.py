@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _sequences import gradient_sequence, initial_params
+from _sequences import gradient_sequence, initial_params, run_steps
 
 import amsgrad_jax
 
@@ -18,19 +18,7 @@ STEPS = 30
 def trajectory(tx, params0=None, grads=None, jit=True):
   params0 = initial_params(np.float32) if params0 is None else params0
   grads = gradient_sequence(STEPS, np.float32) if grads is None else grads
-  params = jax.tree.map(jnp.asarray, params0)
-  state = tx.init(params)
-
-  def step(params, state, g):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
-  step = jax.jit(step) if jit else step
-  out = []
-  for g in grads:
-    params, state = step(params, state, jax.tree.map(jnp.asarray, g))
-    out.append(params)
-  return out
+  return [params for params, _ in run_steps(tx, params0, grads, jit=jit)]
 
 
 def assert_same(a, b, rtol=0.0):

@@ -8,11 +8,10 @@ step, in float64 (to 1e-12) and float32 (to 2e-6, a few ulps of rounding order).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _sequences import gradient_sequence, initial_params
+from _sequences import gradient_sequence, initial_params, run_steps
 
 import amsgrad_jax
 
@@ -24,20 +23,6 @@ def reference_for(convention: str, **hyper) -> optax.GradientTransformation:
   if convention == "optax":
     return optax.amsgrad(**hyper)
   return optax.amsgrad(**hyper, bias_correction_mu=False, bias_correction_nu=False)
-
-
-def run_with_state(tx, params0, grads):
-  params = jax.tree.map(jnp.asarray, params0)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, g):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
-  for tree in grads:
-    params, state = step(params, state, jax.tree.map(jnp.asarray, tree))
-    yield params, state
 
 
 def amsgrad_state(state):
@@ -69,9 +54,9 @@ def assert_close(a, b, rtol):
 def test_matches_optax_every_step(hyper, dtype, convention):
   params0, grads = initial_params(dtype), gradient_sequence(STEPS, dtype)
   with jax.enable_x64(dtype == np.float64):
-    ours = run_with_state(amsgrad_jax.amsgrad(**hyper, convention=convention), params0, grads)
+    ours = run_steps(amsgrad_jax.amsgrad(**hyper, convention=convention), params0, grads)
     with jax.numpy_dtype_promotion("standard"):  # optax computes b**count with an int count
-      theirs = list(run_with_state(reference_for(convention, **hyper), params0, grads))
+      theirs = list(run_steps(reference_for(convention, **hyper), params0, grads))
     for (p_ours, s_ours), (p_ref, s_ref) in zip(ours, theirs, strict=True):
       assert_close(p_ours, p_ref, RTOL[dtype])
       a, b = amsgrad_state(s_ours), amsgrad_state(s_ref)
@@ -85,7 +70,7 @@ def test_optax_convention_is_not_pytorch():
   params0, grads = initial_params(np.float64), gradient_sequence(STEPS, np.float64)
   with jax.enable_x64(True):
     final = {
-      c: list(run_with_state(amsgrad_jax.amsgrad(1e-2, convention=c), params0, grads))[-1][0]
+      c: list(run_steps(amsgrad_jax.amsgrad(1e-2, convention=c), params0, grads))[-1][0]
       for c in ("optax", "pytorch")
     }
   gap = max(float(np.max(np.abs(final["optax"][n] - final["pytorch"][n]))) for n in params0)

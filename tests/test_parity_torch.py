@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 from _peers import require
-from _sequences import gradient_sequence, initial_params
+from _sequences import gradient_sequence, initial_params, run_steps
 
 import amsgrad_jax
 
@@ -52,19 +52,7 @@ def run_torch(optimizer: str, params0, grads, *, implementation: str = "single",
 
 def run_ours(tx: optax.GradientTransformation, params0, grads):
   """Parameters after every step of ``tx`` (jitted), as NumPy arrays."""
-  params = jax.tree.map(jnp.asarray, params0)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, g):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
-  trajectory = []
-  for tree in grads:
-    params, state = step(params, state, jax.tree.map(jnp.asarray, tree))
-    trajectory.append(jax.tree.map(np.asarray, params))
-  return trajectory
+  return [jax.tree.map(np.asarray, params) for params, _ in run_steps(tx, params0, grads)]
 
 
 def assert_trajectories_close(ours, theirs, rtol: float) -> None:
