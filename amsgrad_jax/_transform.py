@@ -41,15 +41,6 @@ class StepScalars(NamedTuple):
   coefficients: Coefficients
 
 
-def _one_minus(b: Any, dtype: Any) -> jax.Array:
-  """``1 - b`` in ``dtype``; for a concrete ``b`` computed in double precision first,
-  as PyTorch, Keras and Optax do (``1 - float32(0.999)`` is off by 1.3e-5)."""
-  number = _validation.concrete_float(b)
-  if number is not None:
-    return jnp.asarray(1.0 - number, dtype)
-  return 1.0 - jnp.asarray(b, dtype)
-
-
 def step_scalars(hyper: dict[str, Any], rule: Rule, count: jax.Array, dtype: Any) -> StepScalars:
   """Cast the hyperparameters to ``dtype`` and derive the rule's coefficients once."""
   bc1, bc2 = _numerics.bias_corrections(
@@ -58,8 +49,8 @@ def step_scalars(hyper: dict[str, Any], rule: Rule, count: jax.Array, dtype: Any
   return StepScalars(
     b1=jnp.asarray(hyper["b1"], dtype),
     b2=jnp.asarray(hyper["b2"], dtype),
-    one_minus_b1=_one_minus(hyper["b1"], dtype),
-    one_minus_b2=_one_minus(hyper["b2"], dtype),
+    one_minus_b1=_numerics.one_minus(hyper["b1"], dtype),
+    one_minus_b2=_numerics.one_minus(hyper["b2"], dtype),
     eps=jnp.asarray(hyper["eps"], dtype),
     eps_root=jnp.asarray(hyper["eps_root"], dtype),
     coefficients=rule.coefficients(bc1, bc2),
