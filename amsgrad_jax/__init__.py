@@ -4,6 +4,7 @@ Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
 """
 
 from amsgrad_jax._aliases import amsgrad, amsgradw
+from amsgrad_jax._flat import FlatLayout, FlatMoment
 from amsgrad_jax._guard import skip_nonfinite
 from amsgrad_jax._native import NativeStatus, apply_step, native_status
 from amsgrad_jax._rules import CONVENTIONS
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
   "CONVENTIONS",
+  "FlatLayout",
+  "FlatMoment",
   "NativeStatus",
   "ScaleByAmsgradState",
   "amsgrad",

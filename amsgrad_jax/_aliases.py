@@ -88,6 +88,7 @@ def amsgrad(
   weight_decay: float | jax.Array = 0.0,
   mu_dtype: Any = None,
   nu_dtype: Any = None,
+  flat_state: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AMSGrad, with optional coupled (L2) weight decay.
 
@@ -107,6 +108,9 @@ def amsgrad(
     weight_decay: coupled L2 coefficient :math:`\lambda \ge 0`.
     mu_dtype: storage dtype of the first moment (default: the parameter's).
     nu_dtype: storage dtype of the second moment and its maximum.
+    flat_state: keep each moment as one 1-D buffer per parameter dtype instead of one
+      array per leaf: the same numbers, far fewer arrays for a jitted step to pass on
+      models of many small leaves; see :func:`scale_by_amsgrad`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -137,7 +141,14 @@ def amsgrad(
   chain = optax.chain(
     decay,
     scale_by_amsgrad(
-      b1, b2, eps, eps_root, convention=convention, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+      b1,
+      b2,
+      eps,
+      eps_root,
+      convention=convention,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      flat_state=flat_state,
     ),
     optax.scale_by_learning_rate(learning_rate),
   )
@@ -157,6 +168,7 @@ def amsgradw(
   convention: str = "pytorch",
   mu_dtype: Any = None,
   nu_dtype: Any = None,
+  flat_state: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AMSGrad with decoupled weight decay, as ``torch.optim.AdamW(amsgrad=True)``.
 
@@ -181,6 +193,9 @@ def amsgradw(
     convention: ``"pytorch"`` (default), ``"keras"``, ``"optax"`` or ``"paper"``.
     mu_dtype: storage dtype of the first moment (default: the parameter's).
     nu_dtype: storage dtype of the second moment and its maximum.
+    flat_state: keep each moment as one 1-D buffer per parameter dtype instead of one
+      array per leaf: the same numbers, far fewer arrays for a jitted step to pass on
+      models of many small leaves; see :func:`scale_by_amsgrad`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -206,7 +221,14 @@ def amsgradw(
   _validation.check_weight_decay(weight_decay)
   chain = optax.chain(
     scale_by_amsgrad(
-      b1, b2, eps, eps_root, convention=convention, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+      b1,
+      b2,
+      eps,
+      eps_root,
+      convention=convention,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      flat_state=flat_state,
     ),
     optax.add_decayed_weights(weight_decay, mask),
     optax.scale_by_learning_rate(learning_rate),

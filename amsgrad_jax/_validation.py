@@ -132,6 +132,12 @@ def check_weight_decay(weight_decay: Any) -> None:
   check_non_negative("weight_decay", weight_decay)
 
 
+def check_flag(name: str, value: Any) -> None:
+  """Raise ``TypeError`` unless ``value`` is a ``bool`` (a switch chosen at construction)."""
+  if not isinstance(value, bool | np.bool_):
+    raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
 def canonical_state_dtype(name: str, dtype: Any) -> jnp.dtype | None:
   """``dtype`` as a floating or complex numpy dtype, or ``None`` for "like the parameter"."""
   if dtype is None:

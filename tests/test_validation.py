@@ -29,6 +29,8 @@ FACTORIES: dict[str, Callable[..., optax.GradientTransformation]] = {
   "amsgradw": lambda **kw: amsgradw(**{"learning_rate": 1e-3, **kw}),
   # coupled decay maps over gradients and parameters before the transform sees them
   "amsgrad-l2": lambda **kw: amsgrad(**{"learning_rate": 1e-3, "weight_decay": 1e-2, **kw}),
+  # the flat state layout checks gradients against the layout it keeps
+  "amsgradw-flat": lambda **kw: amsgradw(**{"learning_rate": 1e-3, "flat_state": True, **kw}),
 }
 ALIASES = ("amsgrad", "amsgradw")
 

@@ -10,6 +10,7 @@ rate) is computed here, in JAX, by the same functions the transformation uses.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import optax
 
 from amsgrad_jax import _numerics
 from amsgrad_jax._aliases import AliasSpec
+from amsgrad_jax._flat import FlatLayout, FlatMoment
 from amsgrad_jax._native import _loader
 from amsgrad_jax._native._sharding import per_shard
 from amsgrad_jax._rules import RULES
@@ -227,6 +229,8 @@ def _is_number(value: Any) -> bool:
 
 def _buffers_fit(grads: Any, state: ScaleByAmsgradState, params: Any) -> bool:
   """Same trees and shapes, real supported dtypes, gradients in the parameters' dtype."""
+  if isinstance(state.mu, FlatMoment):
+    return _flat_buffers_fit(grads, state, params)
   treedef = jax.tree.structure(params)
   trees = (grads, state.mu, state.nu, state.nu_max)
   if any(jax.tree.structure(tree) != treedef for tree in trees):
@@ -236,15 +240,47 @@ def _buffers_fit(grads: Any, state: ScaleByAmsgradState, params: Any) -> bool:
       return False
     if not (p.shape == g.shape == mu.shape == nu.shape == nu_max.shape):
       return False
-    if g.dtype != p.dtype or nu_max.dtype != nu.dtype:
-      return False
-    dtypes = {np.dtype(p.dtype), np.dtype(mu.dtype), np.dtype(nu.dtype)}
-    if not (dtypes <= _NARROW or dtypes <= _WIDE):
-      return False
-    on_device = not isinstance(p, jax.core.Tracer)
-    if on_device and any(device.platform != "cpu" for device in p.devices()):
+    if not _supported(p, g, mu.dtype, nu.dtype, nu_max.dtype):
       return False
   return True
+
+
+def _flat_buffers_fit(grads: Any, state: ScaleByAmsgradState, params: Any) -> bool:
+  """As :func:`_buffers_fit`, for state in the flat layout."""
+  layout: FlatLayout = state.mu.layout
+  moments = (state.mu, state.nu, state.nu_max)
+  if any(not isinstance(m, FlatMoment) or m.layout != layout for m in moments):
+    return False
+  if any(jax.tree.structure(tree) != layout.treedef for tree in (params, grads)):
+    return False
+  sizes = layout.sizes()
+  for moment in moments:
+    if set(moment.buffers) != set(sizes):
+      return False
+    for group, buffer in moment.buffers.items():
+      if not isinstance(buffer, jax.Array) or buffer.shape != (sizes[group],):
+        return False
+  leaves = zip(jax.tree.leaves(params), jax.tree.leaves(grads), layout.leaf_specs(), strict=True)
+  for p, g, (shape, group) in leaves:
+    if not (isinstance(p, jax.Array) and isinstance(g, jax.Array)):
+      return False
+    if p.shape != shape or g.shape != shape or np.dtype(p.dtype).name != group:
+      return False
+    state_dtypes = (m.buffers[group].dtype for m in moments)
+    if not _supported(p, g, *state_dtypes):
+      return False
+  return True
+
+
+def _supported(p: jax.Array, g: jax.Array, mu_dtype: Any, nu_dtype: Any, nu_max_dtype: Any) -> bool:
+  """Dtypes the kernel takes, and parameters that live on the CPU."""
+  if g.dtype != p.dtype or nu_max_dtype != nu_dtype:
+    return False
+  dtypes = {np.dtype(p.dtype), np.dtype(mu_dtype), np.dtype(nu_dtype)}
+  if not (dtypes <= _NARROW or dtypes <= _WIDE):
+    return False
+  on_device = not isinstance(p, jax.core.Tracer)
+  return not (on_device and any(device.platform != "cpu" for device in p.devices()))
 
 
 def _decay_flags(spec: AliasSpec, grads: Any) -> list[int] | None:
@@ -284,6 +320,31 @@ def _native_step(plan: _Plan, grads: Any, params: Any) -> tuple[Any, Any]:
   hyper = {"b1": spec.b1, "b2": spec.b2, "eps": spec.eps, "eps_root": spec.eps_root}
   rule = RULES[spec.convention]
 
+  def scalars_for(param_dtype: np.dtype, mu_dtype: Any, nu_dtype: Any) -> jax.Array:
+    compute = _numerics.real_dtype(_numerics.compute_dtype(param_dtype, mu_dtype, nu_dtype))
+    return _scalar_operand(hyper, rule, count, compute, param_dtype, step_size, spec)
+
+  step = _flat_layout_step if isinstance(state.mu, FlatMoment) else _tree_layout_step
+  new_params, mu, nu, nu_max = step(state, grads, params, plan.decay_flags, scalars_for)
+  new_state = list(plan.opt_state)
+  new_state[plan.amsgrad_index] = ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+  if plan.schedule_index is not None:
+    schedule_state = plan.opt_state[plan.schedule_index]
+    new_state[plan.schedule_index] = optax.ScaleByScheduleState(
+      count=optax.safe_increment(schedule_state.count)
+    )
+  return new_params, tuple(new_state)
+
+
+def _tree_layout_step(
+  state: ScaleByAmsgradState,
+  grads: Any,
+  params: Any,
+  decay_flags: list[int],
+  scalars_for: Callable[..., jax.Array],
+) -> tuple[Any, Any, Any, Any]:
+  """New params, mu, nu and nu_max: one kernel call per dtype group (and decay mode), in
+  calls of at most :data:`LEAVES_PER_CALL` leaves."""
   param_leaves, treedef = jax.tree.flatten(params)
   columns = [param_leaves, *(jax.tree.leaves(t) for t in (grads, state.mu, state.nu, state.nu_max))]
   leaves = list(zip(*columns, strict=True))
@@ -293,27 +354,60 @@ def _native_step(plan: _Plan, grads: Any, params: Any) -> tuple[Any, Any]:
   for index, (p, _, mu, nu, _) in enumerate(leaves):
     if p.size == 0:
       continue
-    key = (np.dtype(p.dtype), np.dtype(mu.dtype), np.dtype(nu.dtype), plan.decay_flags[index])
+    key = (np.dtype(p.dtype), np.dtype(mu.dtype), np.dtype(nu.dtype), decay_flags[index])
     groups.setdefault(key, []).append(index)
 
   for (param_dtype, mu_dtype, nu_dtype, decay), indices in groups.items():
-    compute = _numerics.real_dtype(_numerics.compute_dtype(param_dtype, mu_dtype, nu_dtype))
-    scalars = _scalar_operand(hyper, rule, count, compute, param_dtype, step_size, spec)
+    scalars = scalars_for(param_dtype, mu_dtype, nu_dtype)
     for start in range(0, len(indices), LEAVES_PER_CALL):
       batch = indices[start : start + LEAVES_PER_CALL]
       outputs = per_shard(_kernel_call, scalars, [leaves[i] for i in batch], decay)
       for index, output in zip(batch, outputs, strict=True):
         results[index] = output
+  return tuple(treedef.unflatten([r[i] for r in results]) for i in range(4))
 
-  new_params, mu, nu, nu_max = (treedef.unflatten([r[i] for r in results]) for i in range(4))
-  new_state = list(plan.opt_state)
-  new_state[plan.amsgrad_index] = ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
-  if plan.schedule_index is not None:
-    schedule_state = plan.opt_state[plan.schedule_index]
-    new_state[plan.schedule_index] = optax.ScaleByScheduleState(
-      count=optax.safe_increment(schedule_state.count)
-    )
-  return new_params, tuple(new_state)
+
+def _flat_layout_step(
+  state: ScaleByAmsgradState,
+  grads: Any,
+  params: Any,
+  decay_flags: list[int],
+  scalars_for: Callable[..., jax.Array],
+) -> tuple[Any, Any, Any, Any]:
+  """As :func:`_tree_layout_step` for the flat layout: each call updates its leaves'
+  parameters and their ranges of the group's three buffers, which pass from call to call
+  (aliased, so in place). The buffers are not partitioned: under a mesh XLA replicates
+  the call, which is why sharded models keep the tree layout."""
+  layout: FlatLayout = state.mu.layout
+  param_leaves, treedef = jax.tree.flatten(params)
+  grad_leaves = jax.tree.leaves(grads)
+  new_params = list(param_leaves)
+  moments = {
+    group: tuple(m.buffers[group] for m in (state.mu, state.nu, state.nu_max))
+    for group in layout.sizes()
+  }
+  calls: dict[tuple[str, int], list[int]] = {}
+  for index, ((shape, group), decay) in enumerate(
+    zip(layout.leaf_specs(), decay_flags, strict=True)
+  ):
+    if math.prod(shape) > 0:
+      calls.setdefault((group, decay), []).append(index)
+  for (group, decay), indices in calls.items():
+    buffers = moments[group]
+    param_dtype = np.dtype(param_leaves[indices[0]].dtype)
+    scalars = scalars_for(param_dtype, buffers[0].dtype, buffers[1].dtype)
+    for start in range(0, len(indices), LEAVES_PER_CALL):
+      batch = indices[start : start + LEAVES_PER_CALL]
+      leaves = [(param_leaves[i], grad_leaves[i]) for i in batch]
+      offsets = [layout.offsets[i] for i in batch]
+      buffers, outputs = _flat_kernel_call(scalars, buffers, leaves, offsets, decay)
+      for index, output in zip(batch, outputs, strict=True):
+        new_params[index] = output
+    moments[group] = buffers
+  mu, nu, nu_max = (
+    FlatMoment({group: buffers[k] for group, buffers in moments.items()}, layout) for k in range(3)
+  )
+  return treedef.unflatten(new_params), mu, nu, nu_max
 
 
 def _step_size(spec: AliasSpec, plan: _Plan) -> Callable[[Any], jax.Array]:
@@ -374,3 +468,28 @@ def _kernel_call(
   )
   flat = call(scalars, *operands, decay=np.int64(decay))
   return [tuple(flat[4 * i : 4 * i + 4]) for i in range(len(leaves))]
+
+
+def _flat_kernel_call(
+  scalars: jax.Array,
+  buffers: tuple[jax.Array, ...],
+  leaves: list[tuple[jax.Array, jax.Array]],
+  offsets: list[int],
+  decay: int,
+) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
+  """One FFI call over some leaves of a dtype group in the flat layout: returns the
+  group's new ``(mu, nu, nu_max)`` buffers and each leaf's new parameters, all aliased to
+  their operands."""
+  operands = [*buffers, *(x for leaf in leaves for x in leaf)]
+  result_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in buffers]
+  result_shapes += [jax.ShapeDtypeStruct(p.shape, p.dtype) for p, _ in leaves]
+  aliases = {1 + k: k for k in range(3)}
+  aliases |= {4 + 2 * leaf: 3 + leaf for leaf in range(len(leaves))}
+  call = jax.ffi.ffi_call(
+    _loader.FLAT_TARGET_NAME,
+    result_shapes,
+    input_output_aliases=aliases,
+    vmap_method="sequential",
+  )
+  flat = call(scalars, *operands, decay=np.int64(decay), offsets=np.asarray(offsets, np.int64))
+  return tuple(flat[:3]), list(flat[3:])

@@ -12,6 +12,7 @@ import jax
 from amsgrad_jax._native import _build
 
 TARGET_NAME = "amsgrad_jax_step"
+FLAT_TARGET_NAME = "amsgrad_jax_step_flat"
 DISABLE_VARIABLE = "AMSGRAD_JAX_DISABLE_NATIVE"
 
 
@@ -32,9 +33,13 @@ def load() -> Loaded:
   try:
     path = _build.library_path()
     library = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(
-      TARGET_NAME, jax.ffi.pycapsule(library.AmsgradJaxStep), platform="cpu"
-    )
+    for name, handler in (
+      (TARGET_NAME, "AmsgradJaxStep"),
+      (FLAT_TARGET_NAME, "AmsgradJaxStepFlat"),
+    ):
+      jax.ffi.register_ffi_target(
+        name, jax.ffi.pycapsule(getattr(library, handler)), platform="cpu"
+      )
   except (_build.BuildError, OSError, AttributeError, ValueError) as error:
     return Loaded(False, f"the native kernel could not be built or loaded: {error}")
   return Loaded(True, "the native kernel is built and registered", str(path))

@@ -1,6 +1,8 @@
 // One AMSGrad training step for every leaf of one dtype group, in place, in one pass.
 //
-// Registered with XLA's FFI for the CPU platform as "amsgrad_jax_step". Operands:
+// Registered with XLA's FFI for the CPU platform as "amsgrad_jax_step" (state as one buffer
+// per leaf) and "amsgrad_jax_step_flat" (state as one buffer per dtype group, each leaf at
+// an offset: the flat_state layout; operands below are reordered accordingly). Operands:
 //   scalars   11 numbers in the compute dtype C (float32 or float64), computed in JAX:
 //             b1, b2, 1-b1, 1-b2, eps, eps_root, a, b, d, -lr, weight_decay
 //             (-lr and weight_decay already rounded to the parameter dtype P);
@@ -262,59 +264,24 @@ constexpr size_t kChunksPerThread = 4;
 // Below this many elements in total the step runs on the calling thread alone.
 constexpr size_t kSerialBelow = 1 << 16;
 
-ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scalars,
-                       ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  if (args.size() % 5 != 0 || rets.size() * 5 != args.size() * 4) {
-    return ffi::Error::InvalidArgument("amsgrad_jax_step: expected 5 operands and 4 results a leaf");
+// Copies `from` into `to` unless they are the same buffer (XLA honoured the alias).
+void StartFrom(ffi::AnyBuffer from, ffi::AnyBuffer to) {
+  if (to.untyped_data() != from.untyped_data() && to.size_bytes() > 0) {
+    std::memcpy(to.untyped_data(), from.untyped_data(), to.size_bytes());
   }
-  const size_t num_leaves = args.size() / 5;
-  auto work = std::make_shared<Work>();
-  const size_t scalar_bytes = scalars.size_bytes();
-  if (scalars.element_count() != kNumScalars || scalar_bytes > sizeof work->scalars) {
-    return ffi::Error::InvalidArgument("amsgrad_jax_step: expected 11 scalars");
-  }
-  std::memcpy(work->scalars, scalars.untyped_data(), scalar_bytes);
-  work->leaves.reserve(num_leaves);
+}
+
+// Runs `step` over `leaves` (sizes in `sizes`) on the calling thread and the pool.
+ffi::Error RunOnPool(ffi::ThreadPool& pool, std::shared_ptr<Work> work,
+                     const std::vector<size_t>& sizes) {
   size_t total = 0;
-  std::vector<size_t> sizes;
-  sizes.reserve(num_leaves);
-  for (size_t i = 0; i < num_leaves; ++i) {
-    ffi::AnyBuffer in[5] = {*args.get<ffi::AnyBuffer>(5 * i), *args.get<ffi::AnyBuffer>(5 * i + 1),
-                            *args.get<ffi::AnyBuffer>(5 * i + 2),
-                            *args.get<ffi::AnyBuffer>(5 * i + 3),
-                            *args.get<ffi::AnyBuffer>(5 * i + 4)};
-    ffi::AnyBuffer out[4] = {**rets.get<ffi::AnyBuffer>(4 * i), **rets.get<ffi::AnyBuffer>(4 * i + 1),
-                             **rets.get<ffi::AnyBuffer>(4 * i + 2),
-                             **rets.get<ffi::AnyBuffer>(4 * i + 3)};
-    StepFn step = SelectStep(in[0].element_type(), in[2].element_type(), in[3].element_type(), decay);
-    const size_t n = in[0].element_count();
-    if (step == nullptr || in[1].element_type() != in[0].element_type() ||
-        in[4].element_type() != in[3].element_type() || in[1].element_count() != n ||
-        in[2].element_count() != n || in[3].element_count() != n || in[4].element_count() != n) {
-      return ffi::Error::InvalidArgument("amsgrad_jax_step: unsupported dtypes or shapes");
-    }
-    if (i == 0) work->step = step;
-    if (step != work->step) {
-      return ffi::Error::InvalidArgument("amsgrad_jax_step: one call takes one dtype group");
-    }
-    // In place when XLA honoured the aliases; otherwise start from a copy of the operand.
-    const int updated[4] = {0, 2, 3, 4};
-    for (int k = 0; k < 4; ++k) {
-      if (out[k].untyped_data() != in[updated[k]].untyped_data() && n > 0) {
-        std::memcpy(out[k].untyped_data(), in[updated[k]].untyped_data(), out[k].size_bytes());
-      }
-    }
-    work->leaves.push_back({out[0].untyped_data(), in[1].untyped_data(), out[1].untyped_data(),
-                            out[2].untyped_data(), out[3].untyped_data()});
-    sizes.push_back(n);
-    total += n;
-  }
+  for (size_t n : sizes) total += n;
   // The calling thread drains chunks too, so num_threads - 1 helpers keep every core busy
   // without oversubscribing them (a memory-bound loop gains nothing from more threads).
   const int64_t threads = total < kSerialBelow ? 1 : std::max<int64_t>(1, pool.num_threads());
   const size_t chunk = std::clamp<size_t>(
       total / (kChunksPerThread * static_cast<size_t>(threads)), kMinChunk, kMaxChunk);
-  for (size_t i = 0; i < num_leaves; ++i) {
+  for (size_t i = 0; i < sizes.size(); ++i) {
     for (size_t begin = 0; begin < sizes[i]; begin += chunk) {
       work->chunks.push_back({static_cast<uint32_t>(i), begin, std::min(sizes[i], begin + chunk)});
     }
@@ -332,12 +299,138 @@ ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scala
   return ffi::Error::Success();
 }
 
+// A new Work with the step's scalars, or an error.
+ffi::ErrorOr<std::shared_ptr<Work>> NewWork(ffi::AnyBuffer scalars) {
+  auto work = std::make_shared<Work>();
+  const size_t scalar_bytes = scalars.size_bytes();
+  if (scalars.element_count() != kNumScalars || scalar_bytes > sizeof work->scalars) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument("amsgrad_jax_step: expected 11 scalars"));
+  }
+  std::memcpy(work->scalars, scalars.untyped_data(), scalar_bytes);
+  return work;
+}
+
+// Selects the step of one leaf and checks it against the call's; nullptr when unsupported.
+bool AcceptStep(Work& work, size_t leaf, StepFn step) {
+  if (step == nullptr) return false;
+  if (leaf == 0) work.step = step;
+  return step == work.step;
+}
+
+// Tree layout. Operands: scalars, then per leaf params, grads, mu, nu, nu_max.
+// Results: per leaf params, mu, nu, nu_max.
+ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scalars,
+                       ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  if (args.size() % 5 != 0 || rets.size() * 5 != args.size() * 4) {
+    return ffi::Error::InvalidArgument("amsgrad_jax_step: expected 5 operands and 4 results a leaf");
+  }
+  auto made = NewWork(scalars);
+  if (made.has_error()) return made.error();
+  std::shared_ptr<Work> work = *made;
+  const size_t num_leaves = args.size() / 5;
+  work->leaves.reserve(num_leaves);
+  std::vector<size_t> sizes;
+  sizes.reserve(num_leaves);
+  for (size_t i = 0; i < num_leaves; ++i) {
+    ffi::AnyBuffer in[5] = {*args.get<ffi::AnyBuffer>(5 * i), *args.get<ffi::AnyBuffer>(5 * i + 1),
+                            *args.get<ffi::AnyBuffer>(5 * i + 2),
+                            *args.get<ffi::AnyBuffer>(5 * i + 3),
+                            *args.get<ffi::AnyBuffer>(5 * i + 4)};
+    ffi::AnyBuffer out[4] = {**rets.get<ffi::AnyBuffer>(4 * i), **rets.get<ffi::AnyBuffer>(4 * i + 1),
+                             **rets.get<ffi::AnyBuffer>(4 * i + 2),
+                             **rets.get<ffi::AnyBuffer>(4 * i + 3)};
+    const size_t n = in[0].element_count();
+    if (in[1].element_type() != in[0].element_type() ||
+        in[4].element_type() != in[3].element_type() || in[1].element_count() != n ||
+        in[2].element_count() != n || in[3].element_count() != n || in[4].element_count() != n) {
+      return ffi::Error::InvalidArgument("amsgrad_jax_step: unsupported dtypes or shapes");
+    }
+    if (!AcceptStep(*work, i, SelectStep(in[0].element_type(), in[2].element_type(),
+                                         in[3].element_type(), decay))) {
+      return ffi::Error::InvalidArgument("amsgrad_jax_step: one call takes one dtype group");
+    }
+    // In place when XLA honoured the aliases; otherwise start from a copy of the operand.
+    const int updated[4] = {0, 2, 3, 4};
+    for (int k = 0; k < 4; ++k) StartFrom(in[updated[k]], out[k]);
+    work->leaves.push_back({out[0].untyped_data(), in[1].untyped_data(), out[1].untyped_data(),
+                            out[2].untyped_data(), out[3].untyped_data()});
+    sizes.push_back(n);
+  }
+  return RunOnPool(pool, work, sizes);
+}
+
+// Flat layout. Operands: scalars, the group's mu, nu and nu_max buffers, then per leaf
+// params and grads. Results: mu, nu, nu_max, then per leaf params. Attribute `offsets`:
+// each leaf's first element in the three buffers.
+ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, ffi::Span<const int64_t> offsets,
+                           ffi::AnyBuffer scalars, ffi::AnyBuffer mu, ffi::AnyBuffer nu,
+                           ffi::AnyBuffer nu_max, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets) {
+  if (rets.size() < 3 || args.size() != 2 * (rets.size() - 3) || offsets.size() * 2 != args.size()) {
+    return ffi::Error::InvalidArgument(
+        "amsgrad_jax_step_flat: expected 2 operands and 1 result a leaf, and one offset a leaf");
+  }
+  auto made = NewWork(scalars);
+  if (made.has_error()) return made.error();
+  std::shared_ptr<Work> work = *made;
+  ffi::AnyBuffer state_in[3] = {mu, nu, nu_max};
+  ffi::AnyBuffer state_out[3] = {**rets.get<ffi::AnyBuffer>(0), **rets.get<ffi::AnyBuffer>(1),
+                                 **rets.get<ffi::AnyBuffer>(2)};
+  const size_t state_size = mu.element_count();
+  if (nu.element_count() != state_size || nu_max.element_count() != state_size ||
+      nu_max.element_type() != nu.element_type()) {
+    return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: mismatched state buffers");
+  }
+  for (int k = 0; k < 3; ++k) StartFrom(state_in[k], state_out[k]);
+  const size_t width[3] = {ffi::ByteWidth(mu.element_type()), ffi::ByteWidth(nu.element_type()),
+                           ffi::ByteWidth(nu_max.element_type())};
+  const size_t num_leaves = offsets.size();
+  work->leaves.reserve(num_leaves);
+  std::vector<size_t> sizes;
+  sizes.reserve(num_leaves);
+  for (size_t i = 0; i < num_leaves; ++i) {
+    ffi::AnyBuffer params = *args.get<ffi::AnyBuffer>(2 * i);
+    ffi::AnyBuffer grads = *args.get<ffi::AnyBuffer>(2 * i + 1);
+    ffi::AnyBuffer params_out = **rets.get<ffi::AnyBuffer>(3 + i);
+    const size_t n = params.element_count();
+    const int64_t offset = offsets[i];
+    if (grads.element_type() != params.element_type() || grads.element_count() != n ||
+        offset < 0 || static_cast<size_t>(offset) + n > state_size) {
+      return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: unsupported dtypes or shapes");
+    }
+    if (!AcceptStep(*work, i, SelectStep(params.element_type(), mu.element_type(),
+                                         nu.element_type(), decay))) {
+      return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: one call takes one dtype group");
+    }
+    StartFrom(params, params_out);
+    auto at = [&](int k) {
+      return static_cast<void*>(static_cast<unsigned char*>(state_out[k].untyped_data()) +
+                                width[k] * static_cast<size_t>(offset));
+    };
+    work->leaves.push_back({params_out.untyped_data(), grads.untyped_data(), at(0), at(1), at(2)});
+    sizes.push_back(n);
+  }
+  return RunOnPool(pool, work, sizes);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStep, AmsgradStep,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("decay")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlat, AmsgradStepFlat,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("decay")
+                                  .Attr<ffi::Span<const int64_t>>("offsets")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
                                   .RemainingRets());
