@@ -34,6 +34,7 @@ OPTIMIZERS: dict[str, Callable[[str], optax.GradientTransformation]] = {
   "guarded-schedule": lambda convention: skip_nonfinite(
     amsgrad(optax.exponential_decay(1e-2, 4, 0.5), convention=convention), 3
   ),
+  "amsgradw-flat-state": lambda convention: amsgradw(1e-2, convention=convention, flat_state=True),
   "injected": lambda convention: optax.inject_hyperparams(amsgrad)(
     learning_rate=1e-2, b1=0.8, convention=convention
   ),
