@@ -1,13 +1,16 @@
-"""The memory-bandwidth limit of this machine, measured with all cores.
+"""The stream.c memory-bandwidth limit of this machine, measured with all cores.
 
 ``stream.c`` (STREAM's copy and triad, an in-place update ``c = c + s*b``, and a kernel
-with the memory traffic of one AMSGrad pass, in float32, with OpenMP over every core) is compiled at run time with
-``cc -O3 -march=native -fopenmp``; each round of the benchmark runs it once, in its own
-process, between the contenders. Its arrays are far larger than the last-level cache.
-Bytes are counted as STREAM counts them (what each loop reads and writes), the way the
-optimizer steps are counted, so "% of the limit" compares like with like. The limit is
-the best rate any kernel reached in the run. Without a C compiler, a NumPy copy and triad
-on one thread stand in, and the results say so: a lower bound on the limit.
+with the memory traffic of one AMSGrad pass, in float32, with OpenMP over every core) is
+compiled at run time with ``cc -O3 -march=native -fopenmp``; each round of the benchmark
+runs it once, in its own process, between the contenders. Its arrays are far larger than
+the last-level cache. Bytes are counted as STREAM counts them (what each loop reads and
+writes), the way the optimizer steps are counted. The stream.c limit is the best rate any
+kernel reached in the run. It is measured in other processes than the steps, and the
+memory speed a process gets varies from one process to the next, so a step's share of it
+is context; :mod:`benchmarks.probe` measures the like-for-like limit inside the step's
+own process. Without a C compiler, a NumPy copy and triad on one thread stand in, and the
+results say so: a lower bound on the limit.
 """
 
 from __future__ import annotations
@@ -30,16 +33,21 @@ GCC_ONLY_FLAGS = ("-fno-tree-loop-distribute-patterns",)
 KERNELS = ("copy", "triad", "update", "step")
 
 
+def compiler() -> str | None:
+  """The C compiler: ``$CC``, else ``cc``, else ``gcc`` on the path; ``None`` if none."""
+  return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def build(directory: Path) -> Path | None:
   """Compile ``stream.c`` into ``directory``; ``None`` when no compiler can build it."""
-  compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-  if compiler is None:
+  compiler_path = compiler()
+  if compiler_path is None:
     return None
   binary = directory / "stream"
   for flags in ((*FLAGS, *GCC_ONLY_FLAGS), FLAGS):
     try:
       subprocess.run(
-        [compiler, *flags, str(SOURCE), "-o", str(binary)],
+        [compiler_path, *flags, str(SOURCE), "-o", str(binary)],
         check=True,
         capture_output=True,
         timeout=120,

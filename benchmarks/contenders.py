@@ -7,13 +7,15 @@ look its own up by name. Adding one is one entry in :func:`contenders`.
 * JAX contenders give an Optax transformation and how the step applies it: ``"optax"``
   (``tx.update`` then ``optax.apply_updates``, what every Optax user writes) or
   ``"apply_step"`` (``amsgrad_jax.apply_step``, the native one-pass step, measured
-  whenever the installed package has it).
+  whenever the installed package has it, and again with ``flat_state=True``, the moments
+  kept as one buffer per dtype rather than one array per leaf, when ``amsgrad`` takes it).
 * PyTorch contenders give the keyword arguments of ``torch.optim.Adam(amsgrad=True)``
   that pick its implementation: ``fused``, ``foreach`` or the single-tensor loop.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +32,8 @@ ONE_PASS_BYTES_PER_PARAM = {"amsgrad": 36, "adam": 28}
 DEFAULT = "amsgrad_jax"
 OPTAX = "optax.amsgrad"
 TORCH_FUSED = "torch fused"
+APPLY_STEP = "amsgrad_jax.apply_step"
+APPLY_STEP_FLAT = "amsgrad_jax.apply_step (flat state)"
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,11 @@ def _ours(convention: str) -> Callable[[float], optax.GradientTransformation]:
   return lambda learning_rate: amsgrad_jax.amsgrad(learning_rate, convention=convention)
 
 
+def has_flat_state() -> bool:
+  """Whether the installed ``amsgrad_jax.amsgrad`` takes ``flat_state``."""
+  return "flat_state" in inspect.signature(amsgrad_jax.amsgrad).parameters
+
+
 def contenders() -> list[Contender]:
   """Every contender available in this installation, in the order they race."""
   ours = [
@@ -83,7 +92,7 @@ def contenders() -> list[Contender]:
   if hasattr(amsgrad_jax, "apply_step"):
     ours.append(
       Contender(
-        name="amsgrad_jax.apply_step",
+        name=APPLY_STEP,
         framework="jax",
         algorithm="amsgrad",
         description="amsgrad_jax.apply_step(amsgrad_jax.amsgrad(lr), grads, state, params)",
@@ -91,6 +100,18 @@ def contenders() -> list[Contender]:
         apply="apply_step",
       )
     )
+    if has_flat_state():
+      ours.append(
+        Contender(
+          name=APPLY_STEP_FLAT,
+          framework="jax",
+          algorithm="amsgrad",
+          description="amsgrad_jax.apply_step(amsgrad_jax.amsgrad(lr, flat_state=True), "
+          "grads, state, params)",
+          make_tx=lambda lr: amsgrad_jax.amsgrad(lr, flat_state=True),
+          apply="apply_step",
+        )
+      )
   optax_contenders = [
     Contender(OPTAX, "jax", "amsgrad", "optax.amsgrad(lr)", make_tx=optax.amsgrad),
     Contender("optax.adam", "jax", "adam", "optax.adam(lr)", make_tx=optax.adam),

@@ -1,11 +1,12 @@
 """Run the contenders in alternating processes, round after round, and collect the times.
 
-Every round starts with the bandwidth probe, then starts one fresh process per contender
-in a fixed order (A B C ... A B C ...), each timing its contender on every case, and ends
-with one process timing amsgrad_jax and optax.amsgrad side by side
+Every round starts with the stream.c bandwidth probe, then starts one fresh process per
+contender in a fixed order (A B C ... A B C ...), each timing its contender on every case,
+and ends with one process timing amsgrad_jax and optax.amsgrad side by side
 (:mod:`benchmarks.paired`). Nothing is shared between processes: a PyTorch step leaves
 OpenMP threads spinning that would slow whatever ran next in the same process, and every
-contender pays its own start-up.
+contender pays its own start-up. The in-process probe (:mod:`benchmarks.probe`) is built
+once here and named to the workers in their environment.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bandwidth, config, models
+from benchmarks import bandwidth, config, models, probe
 from benchmarks.contenders import DEFAULT as PAIR_DEFAULT
 from benchmarks.contenders import OPTAX as PAIR_OPTAX
 from benchmarks.contenders import Contender, contenders
@@ -166,7 +167,9 @@ def run(
   with tempfile.TemporaryDirectory(prefix="amsgrad-bench-") as scratch:
     scratch_dir = Path(scratch)
     binary = bandwidth.build(scratch_dir)
+    library = probe.build(scratch_dir)
     env = worker_environment(scratch_dir / "jax-cache" if run_config.compilation_cache else None)
+    env[probe.LIBRARY_ENV] = "" if library is None else str(library)
     for round_index in range(run_config.rounds):
       bandwidth_rounds.append(
         bandwidth.measure(binary, run_config.bandwidth_elements, run_config.bandwidth_repetitions)
@@ -194,13 +197,13 @@ def run(
         if result.get("timed_out"):
           status += f", stopped: skips {sorted(timed_out[contender.name])} from now on"
         log(
-          f"round {round_index + 1}/{run_config.rounds}  {contender.name:<28} {status}"
+          f"round {round_index + 1}/{run_config.rounds}  {contender.name:<36} {status}"
           f"  ({time.perf_counter() - start:.0f} s so far)"
         )
       if {PAIR_DEFAULT, PAIR_OPTAX} <= {contender.name for contender in racing}:
         paired_rounds.append(run_paired(scratch_dir, run_config, env))
         log(
-          f"round {round_index + 1}/{run_config.rounds}  {'paired in one process':<28} "
+          f"round {round_index + 1}/{run_config.rounds}  {'paired in one process':<36} "
           f"{'FAILED' if 'error' in paired_rounds[-1] else 'done'}"
           f"  ({time.perf_counter() - start:.0f} s so far)"
         )
@@ -209,6 +212,11 @@ def run(
     "contenders": racing,
     "machine": {**machine(), "load_average": [load_at_start, _load_average()]},
     "bandwidth_rounds": bandwidth_rounds,
+    "probe": {
+      "method": probe.METHOD,
+      "built": library is not None,
+      "error": None if library is not None else probe.NOT_BUILT,
+    },
     "rounds": rounds,
     "timed_out": {name: sorted(ids) for name, ids in timed_out.items() if ids},
     "paired_rounds": paired_rounds,

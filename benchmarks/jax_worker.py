@@ -6,6 +6,15 @@ Flax transformer's parameter tree), compiles ``step(params, state, grads)`` with
 place, records what XLA says about the compiled step, runs ``warmup`` untimed steps and
 then times ``repetitions`` steps one by one, each waited for with ``block_until_ready``.
 
+For an ``amsgrad_jax.apply_step`` contender on a case of one leaf, each step (warm-up
+ones included) is followed by one pass of the in-process bandwidth probe
+(:mod:`benchmarks.probe`) over the step's own five buffers, the parameter leaf, its
+gradient and the leaf's ``mu``, ``nu`` and ``nu_max`` found by their raw pointers, so the
+step and the probe alternate and see the same process, pages and moment; the probe's
+times are recorded next to the step's (``probe_times_s``), or why it did not run
+(``probe_error``). The probe makes the traffic a step makes, so each step finds the caches
+as a step before it would have left them.
+
 The loop case runs the train step of ``examples/mlp_flax.py`` (forward, backward and
 update, jitted with donation) for ``steps`` steps and times the whole loop, after one
 untimed step that compiles it; the losses are fetched once at the end, as the example
@@ -23,7 +32,7 @@ import numpy as np
 import optax
 
 import amsgrad_jax
-from benchmarks import hlo, models
+from benchmarks import hlo, models, probe
 from benchmarks.config import MLP_LEARNING_RATE, STEP_LEARNING_RATE, Case, Config
 from benchmarks.contenders import Contender
 
@@ -82,15 +91,24 @@ def time_step_case(contender: Contender, case: Case, config: Config) -> dict[str
     "array_loops": hlo.array_loops(compiled.as_text()),
   }
 
-  times = []
+  in_process_probe, probe_facts = _probe_for(contender, params, grads, opt_state)
+  times, probe_times = [], []
   index = 0
   while not case.done(times):
     start = time.perf_counter()
     params, opt_state = compiled(params, opt_state, grads)
     jax.block_until_ready((params, opt_state))
+    elapsed = time.perf_counter() - start
+    probe_s = None
+    if in_process_probe is not None:
+      probe_s = in_process_probe.time_pass(leaf_pointers(params, grads, opt_state), parameter_count)
     if index >= case.warmup:
-      times.append(time.perf_counter() - start)
+      times.append(elapsed)
+      if probe_s is not None:
+        probe_times.append(probe_s)
     index += 1
+  if in_process_probe is not None:
+    probe_facts["probe_times_s"] = probe_times
   return {
     "times_s": times,
     "compile_s": compile_s,
@@ -98,6 +116,52 @@ def time_step_case(contender: Contender, case: Case, config: Config) -> dict[str
     "leaves": len(jax.tree.leaves(params)),
     "state_bytes_per_param": state_bytes / parameter_count,
     **facts,
+    **probe_facts,
+  }
+
+
+def leaf_pointers(params: Any, grads: Any, opt_state: Any) -> list[int]:
+  """Raw addresses of the five buffers one AMSGrad pass over a single-leaf tree touches:
+  the gradient, then the parameter, ``mu``, ``nu`` and ``nu_max``.
+
+  The state's three are the arrays of ``opt_state`` with as many elements as the leaf:
+  one array per moment with per-leaf state, and one flat buffer per moment (the leaf's
+  dtype group) with ``flat_state=True``; the step count and other scalars are smaller.
+  They are the buffers the step has just written, taken afresh after every step since a
+  donated step may hand back other buffers than it was given.
+  """
+  (param,) = jax.tree.leaves(params)
+  (grad,) = jax.tree.leaves(grads)
+  state = [
+    leaf
+    for leaf in jax.tree.leaves(opt_state)
+    if isinstance(leaf, jax.Array) and leaf.size == param.size and leaf.dtype == param.dtype
+  ]
+  if len(state) != 3 or param.dtype != jnp.float32:
+    raise ValueError(
+      f"expected a float32 leaf and three state arrays of its {param.size} elements, "
+      f"found {param.dtype} and {len(state)}"
+    )
+  return [x.unsafe_buffer_pointer() for x in (grad, param, *state)]
+
+
+def _probe_for(
+  contender: Contender, params: Any, grads: Any, opt_state: Any
+) -> tuple[probe.Probe | None, dict[str, Any]]:
+  """The in-process probe when ``contender`` is an ``apply_step`` one and ``params`` is a
+  single leaf, with the facts to record about it (or why it cannot run)."""
+  if contender.apply != "apply_step" or len(jax.tree.leaves(params)) != 1:
+    return None, {}
+  try:
+    leaf_pointers(params, grads, opt_state)
+  except ValueError as error:
+    return None, {"probe_error": str(error)}
+  in_process_probe, reason = probe.from_environment()
+  if in_process_probe is None:
+    return None, {"probe_error": reason}
+  return in_process_probe, {
+    "probe_threads": in_process_probe.threads,
+    "probe_bytes_per_param": probe.BYTES_PER_ELEMENT,
   }
 
 

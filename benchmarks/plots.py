@@ -52,7 +52,11 @@ def plot(summary: dict[str, Any], static_dir: Path) -> list[Path]:
   sizes = sorted(c["parameters"] for c in single)
   floor = [n * ONE_PASS_BYTES_PER_PARAM["amsgrad"] / (limit_gbs * 1e9) * 1e3 for n in sizes]
   ax.plot(
-    sizes, floor, color="black", linewidth=1, label=f"one AMSGrad pass at {limit_gbs:.0f} GB/s"
+    sizes,
+    floor,
+    color="black",
+    linewidth=1,
+    label=f"one AMSGrad pass at {limit_gbs:.0f} GB/s (stream.c limit)",
   )
   ax.set_xscale("log")
   ax.set_yscale("log")

@@ -4,7 +4,18 @@ Each process times many steps of a case; the round's number is their median. A t
 cell is the median of the rounds' numbers, with the smallest and largest of them in
 brackets, in milliseconds. Effective bandwidth is the traffic one pass over memory must
 make (36 bytes per float32 parameter for AMSGrad, 28 for Adam) divided by the median
-time; "% of limit" compares it with the best streaming rate measured in the same run.
+time. Two limits put it in context:
+
+* the **stream.c limit** (``percent_of_limit``, ``limit_gbs``): the best rate stream.c
+  reached in any round, each round in a process of its own (:mod:`benchmarks.bandwidth`).
+  A process's memory speed varies from one process to the next, so a step's median
+  against the best of other processes is context, not a like-for-like comparison;
+* the **in-process limit** (``percent_of_in_process_limit``), for the ``apply_step``
+  contenders on one leaf: in each worker process, one pass of ``probe.c`` over the step's
+  own buffers after every step (:mod:`benchmarks.probe`). Both move 36 bytes per
+  parameter, so the step runs at ``f = median(probe times) / median(step times)`` of the
+  rate the probe reached in that process; the summary is the median of ``f`` over the
+  rounds (``percent_of_in_process_limit_rounds`` keeps each round's).
 """
 
 from __future__ import annotations
@@ -14,15 +25,24 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bandwidth
+from benchmarks import bandwidth, probe
 from benchmarks.config import Case, Config, describe
-from benchmarks.contenders import DEFAULT, OPTAX, TORCH_FUSED, Contender
+from benchmarks.contenders import (
+  APPLY_STEP,
+  APPLY_STEP_FLAT,
+  DEFAULT,
+  OPTAX,
+  TORCH_FUSED,
+  Contender,
+)
 
 START_MARKER = "<!-- bench-results:start -->"
 END_MARKER = "<!-- bench-results:end -->"
-APPLY_STEP = "amsgrad_jax.apply_step"
 # amsgrad_jax with its default rule must not be slower than optax.amsgrad by more than this.
 TOLERATED_RATIO = 1.05
+# On the middle single leaf (16M), apply_step must reach this share of the in-process limit.
+HEADLINE_PERCENT = 90.0
+NATIVE = (APPLY_STEP, APPLY_STEP_FLAT)
 _FACTS = (
   "xla_bytes_per_param",
   "xla_flops_per_param",
@@ -56,6 +76,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         per_case[case.id] = _case_summary(contender, case, timed, limit["limit_gbs"])
     if per_case:
       results[contender.name] = per_case
+  cases = describe(run_config)
   runtime = next((r for rs in raw["rounds"].values() for r in rs if "versions" in r), {})
   versions: dict[str, str] = {}
   for rounds in raw["rounds"].values():
@@ -69,7 +90,8 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     "worker_timeout_s": run_config.worker_timeout_s,
     "wall_s": raw["wall_s"],
     "bandwidth": {**limit, "rounds": raw["bandwidth_rounds"]},
-    "cases": describe(run_config),
+    "in_process_probe": raw.get("probe", {"method": probe.METHOD}),
+    "cases": cases,
     "contenders": [
       {
         "name": c.name,
@@ -81,6 +103,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     ],
     "results": results,
     "ratios": _ratios(run_config, results, raw.get("paired_rounds", [])),
+    "headline": _headline(cases, results),
     "failures": failures,
     "timed_out": raw.get("timed_out", {}),
   }
@@ -106,6 +129,45 @@ def _case_summary(
     entry["effective_gbs"] = one_pass_bytes / median_s * 1e-9
     entry["percent_of_limit"] = 100 * entry["effective_gbs"] / limit_gbs
     entry["limit_ms"] = 1e3 * one_pass_bytes / (limit_gbs * 1e9)
+    entry.update(_in_process(case, [r["cases"][case.id] for r in rounds]))
+  return entry
+
+
+def in_process_fraction(case_result: dict[str, Any]) -> float | None:
+  """One process's step as a fraction of its in-process limit: the probe's median time
+  over the step's median time (both passes move 36 bytes per parameter, so this is the
+  step's rate over the probe's); ``None`` when the probe did not run."""
+  probe_times = case_result.get("probe_times_s")
+  if not probe_times or not case_result.get("times_s"):
+    return None
+  return statistics.median(probe_times) / statistics.median(case_result["times_s"])
+
+
+def _in_process(case: Case, case_results: list[dict[str, Any]]) -> dict[str, Any]:
+  """The in-process limit of one contender on ``case`` from each round's process
+  (``case_results``): the median over rounds of :func:`in_process_fraction`, as a
+  percentage, with each round's, and the probe's own median time and rate."""
+  entry: dict[str, Any] = {}
+  errors = [r["probe_error"] for r in case_results if r.get("probe_error")]
+  if errors:
+    entry["probe_error"] = errors[0]
+  measured = [r for r in case_results if in_process_fraction(r) is not None]
+  if not measured:
+    return entry
+  percents = [100 * in_process_fraction(r) for r in measured]
+  probe_medians = [statistics.median(r["probe_times_s"]) for r in measured]
+  bytes_per_param = measured[0].get("probe_bytes_per_param", probe.BYTES_PER_ELEMENT)
+  probe_gbs = [case.parameter_count * bytes_per_param / t * 1e-9 for t in probe_medians]
+  entry.update(
+    {
+      "percent_of_in_process_limit": statistics.median(percents),
+      "percent_of_in_process_limit_rounds": percents,
+      "in_process_limit_ms": 1e3 * statistics.median(probe_medians),
+      "in_process_limit_rounds_ms": [1e3 * t for t in probe_medians],
+      "in_process_limit_gbs": statistics.median(probe_gbs),
+      "probe_threads": measured[0].get("probe_threads"),
+    }
+  )
   return entry
 
 
@@ -141,12 +203,41 @@ def _ratios(
       "ours_vs_torch_fused": _ratio(results, DEFAULT, TORCH_FUSED, case.id),
       "apply_step_vs_torch_fused": _ratio(results, APPLY_STEP, TORCH_FUSED, case.id),
       "apply_step_vs_optax": _ratio(results, APPLY_STEP, OPTAX, case.id),
+      "apply_step_flat_vs_torch_fused": _ratio(results, APPLY_STEP_FLAT, TORCH_FUSED, case.id),
+      "apply_step_flat_vs_optax": _ratio(results, APPLY_STEP_FLAT, OPTAX, case.id),
+      "apply_step_flat_vs_apply_step": _ratio(results, APPLY_STEP_FLAT, APPLY_STEP, case.id),
       "ours_vs_optax_same_process": _paired_ratio(paired_rounds, case.id),
     }
     if case.group in ("a", "b") and entry["ours_vs_optax"] is not None:
       entry["holds"] = entry["ours_vs_optax"] <= TOLERATED_RATIO
     ratios[case.id] = entry
   return ratios
+
+
+def _headline(cases: list[dict[str, Any]], results: dict[str, Any]) -> dict[str, Any] | None:
+  """The headline check: on the middle single leaf (16M parameters in the full run), each
+  ``apply_step`` contender's share of the in-process limit (``holds`` when it is at least
+  :data:`HEADLINE_PERCENT`), with its share of the stream.c limit beside it for context."""
+  if not any(c["group"] == "a" for c in cases):
+    return None
+  reference = _reference_case(cases)
+  per_contender = {}
+  for name in NATIVE:
+    entry = results.get(name, {}).get(reference["id"])
+    if entry is None:
+      continue
+    percent = entry.get("percent_of_in_process_limit")
+    per_contender[name] = {
+      "percent_of_in_process_limit": percent,
+      "percent_of_stream_limit": entry.get("percent_of_limit"),
+      "holds": None if percent is None else percent >= HEADLINE_PERCENT,
+    }
+  return {
+    "case": reference["id"],
+    "label": reference["label"],
+    "required_percent_of_in_process_limit": HEADLINE_PERCENT,
+    "contenders": per_contender,
+  }
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -177,9 +268,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
   return lines
 
 
-def _reference_case(summary: dict[str, Any]) -> dict[str, Any]:
+def _reference_case(cases: list[dict[str, Any]]) -> dict[str, Any]:
   """The middle single-leaf headline case (16M parameters in the full run)."""
-  single = [c for c in summary["cases"] if c["group"] == "a"]
+  single = [c for c in cases if c["group"] == "a"]
   return sorted(single, key=lambda c: c["parameters"])[len(single) // 2]
 
 
@@ -195,12 +286,12 @@ def _floors(summary: dict[str, Any], case: dict[str, Any]) -> str:
 
   measured = [
     f"{name} {summary['results'][name][case['id']]['median_ms']:.3g} ms"
-    for name in (DEFAULT, OPTAX, TORCH_FUSED, APPLY_STEP)
+    for name in (DEFAULT, OPTAX, TORCH_FUSED, *NATIVE)
     if case["id"] in summary["results"].get(name, {})
   ]
   text = (
-    f"**Floors on {case['label']}** at {limit_gbs:.1f} GB/s: one pass (36 bytes/param) "
-    f"takes {at_limit(36)}"
+    f"**Floors on {case['label']}** at the stream.c limit of {limit_gbs:.1f} GB/s: one pass "
+    f"(36 bytes/param) takes {at_limit(36)}"
   )
   if xla_bytes is not None:
     loops = ours.get("loops_per_leaf")
@@ -208,7 +299,81 @@ def _floors(summary: dict[str, Any], case: dict[str, Any]) -> str:
       f"; the {_optional(loops, '.0f')} loops XLA compiles ({xla_bytes:.0f} bytes/param) "
       f"take {at_limit(xla_bytes)}"
     )
-  return text + ". Measured: " + ", ".join(measured) + "."
+  text += ". Measured: " + ", ".join(measured) + "."
+  probed = [
+    f"{summary['results'][name][case['id']]['in_process_limit_ms']:.3g} ms in the {name} processes"
+    for name in NATIVE
+    if "in_process_limit_ms" in summary["results"].get(name, {}).get(case["id"], {})
+  ]
+  if probed:
+    text += " The in-process probe's pass over the step's own buffers: " + ", ".join(probed) + "."
+  return text
+
+
+def _in_process_lines(summary: dict[str, Any], single: list[dict[str, Any]]) -> list[str]:
+  """The table of the steps' shares of the in-process limit, and the headline check."""
+  results = summary["results"]
+  names = [
+    c["name"]
+    for c in summary["contenders"]
+    if any(
+      "percent_of_in_process_limit" in results.get(c["name"], {}).get(x["id"], {}) for x in single
+    )
+  ]
+  errors = sorted(
+    {
+      entry["probe_error"]
+      for per_case in results.values()
+      for entry in per_case.values()
+      if entry.get("probe_error")
+    }
+  )
+  lines: list[str] = []
+  if names:
+    lines += [
+      "",
+      "**% of the in-process limit** (`benchmarks/probe.c`): in each worker process, every "
+      "timed step is followed by one pass over the step's own five buffers (parameter, "
+      "gradient, `mu`, `nu`, `nu_max`) making the same 36 bytes/param of traffic with almost "
+      "no arithmetic. Per process, the probe's median time over the step's median time is "
+      "the step's share of the rate the memory gave that process; median [min–max] over "
+      "rounds, then the probe's own rate in GB/s (median over rounds)",
+      "",
+    ]
+    rows = []
+    for name in names:
+      row = [name]
+      for case in single:
+        entry = results.get(name, {}).get(case["id"], {})
+        percents = entry.get("percent_of_in_process_limit_rounds")
+        row.append(
+          "–"
+          if not percents
+          else f"{entry['percent_of_in_process_limit']:.0f}% "
+          f"[{min(percents):.0f}–{max(percents):.0f}%], {entry['in_process_limit_gbs']:.1f} GB/s"
+        )
+      rows.append(row)
+    lines += _table(["contender", *[f"({c['group']}) {c['label']}" for c in single]], rows)
+  headline = summary.get("headline") or {}
+  checks = []
+  for name, check in headline.get("contenders", {}).items():
+    if check["percent_of_in_process_limit"] is None:
+      continue
+    mark = "✓" if check["holds"] else "✗"
+    checks.append(
+      f"{name} reaches {check['percent_of_in_process_limit']:.0f}% of the in-process limit "
+      f"{mark} ({_optional(check['percent_of_stream_limit'], '.0f')}% of the stream.c limit)"
+    )
+  if checks:
+    lines += [
+      "",
+      f"**Headline check on {headline['label']}** (within "
+      f"{100 - headline['required_percent_of_in_process_limit']:.0f}% of the memory-bandwidth "
+      "limit measured in the same process): " + "; ".join(checks) + ".",
+    ]
+  if errors:
+    lines += ["", "**In-process probe not run:** " + "; ".join(errors) + "."]
+  return lines
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -231,7 +396,11 @@ def markdown(summary: dict[str, Any]) -> str:
       f"[{_optional(limit[f'{kernel}_median_gbs'], '.1f')}]"
       for kernel in bandwidth.KERNELS
     )
-    + f". **Limit: {limit['limit_gbs']:.1f} GB/s.**",
+    + f". **stream.c limit: {limit['limit_gbs']:.1f} GB/s**, the best rate of any kernel in any "
+    "round, each round a process of its own. A process's memory speed varies from one process "
+    'to the next, so "% of the stream.c limit" below sets a step\'s median against the '
+    "fastest stream.c process: context, not like for like. The in-process limit further down "
+    "is measured in the step's own process, on its own buffers.",
     "",
     "**Time per update step (case d: per whole training loop), ms, median [min–max] over rounds**",
     "",
@@ -243,8 +412,8 @@ def markdown(summary: dict[str, Any]) -> str:
   )
   lines += [
     "",
-    "**Effective bandwidth, GB/s (% of the limit)**, counting the bytes one pass must move "
-    "(36 per parameter for AMSGrad, 28 for Adam)",
+    f"**Effective bandwidth, GB/s (% of the stream.c limit of {limit['limit_gbs']:.1f} GB/s)**, "
+    "counting the bytes one pass must move (36 per parameter for AMSGrad, 28 for Adam)",
     "",
   ]
   header = ["contender", *[f"({c['group']}) {c['label']}" for c in step_cases]]
@@ -258,8 +427,9 @@ def markdown(summary: dict[str, Any]) -> str:
       )
     rows.append(row)
   lines += _table(header, rows)
+  lines += _in_process_lines(summary, [c for c in step_cases if c["leaves"] == 1])
 
-  reference = _reference_case(summary)
+  reference = _reference_case(summary["cases"])
   many = next((c for c in headline if c["group"] == "b"), None)
   lines += [
     "",
@@ -300,15 +470,24 @@ def markdown(summary: dict[str, Any]) -> str:
 
   lines += ["", _floors(summary, reference)]
   lines += ["", "**Ratios of median times** (below 1: the first is faster)", ""]
-  has_apply_step = APPLY_STEP in results
+  native_columns = [
+    (f"{numerator} / {denominator}", key)
+    for numerator, denominator, key in (
+      (APPLY_STEP, TORCH_FUSED, "apply_step_vs_torch_fused"),
+      (APPLY_STEP, OPTAX, "apply_step_vs_optax"),
+      (APPLY_STEP_FLAT, TORCH_FUSED, "apply_step_flat_vs_torch_fused"),
+      (APPLY_STEP_FLAT, OPTAX, "apply_step_flat_vs_optax"),
+      (APPLY_STEP_FLAT, APPLY_STEP, "apply_step_flat_vs_apply_step"),
+    )
+    if numerator in results
+  ]
   header = [
     "case",
     f"{DEFAULT} / {OPTAX}",
     "the same, in one process",
     f"{DEFAULT} / {TORCH_FUSED}",
+    *[title for title, _ in native_columns],
   ]
-  if has_apply_step:
-    header += [f"{APPLY_STEP} / {TORCH_FUSED}", f"{APPLY_STEP} / {OPTAX}"]
   rows = []
   for case in headline:
     ratio = summary["ratios"][case["id"]]
@@ -320,11 +499,7 @@ def markdown(summary: dict[str, Any]) -> str:
       _optional(ratio["ours_vs_optax_same_process"], ".3f"),
       _optional(ratio["ours_vs_torch_fused"], ".3f"),
     ]
-    if has_apply_step:
-      row += [
-        _optional(ratio["apply_step_vs_torch_fused"], ".3f"),
-        _optional(ratio["apply_step_vs_optax"], ".3f"),
-      ]
+    row += [_optional(ratio[key], ".3f") for _, key in native_columns]
     rows.append(row)
   lines += _table(header, rows)
   lines += ["", "–: not run (see the notes below the tables) or not applicable."]

@@ -2,12 +2,14 @@
 
 Times are never asserted: they depend on the machine and on what else runs on it. What is
 checked is that every code path runs (a JAX contender, Optax, PyTorch, the native step when
-the package has it, the bandwidth probe, the compiled-step analysis, the report and the
-plots) and that the numbers it writes are well formed. Takes about 15 s on 2 idle CPU cores.
+the package has it, with flat state when ``amsgrad`` takes it, the stream.c bandwidth probe,
+the in-process probe beside the native step, the compiled-step analysis, the report and the
+plots) and that the numbers it writes are well formed. Takes about 20 s on 2 idle CPU cores.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -25,8 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def smoke_contenders() -> list[str]:
   names = ["amsgrad_jax", "optax.amsgrad", "torch fused"]
-  if hasattr(amsgrad_jax, "apply_step"):
-    names.append("amsgrad_jax.apply_step")
+  return names + native_contenders()
+
+
+def native_contenders() -> list[str]:
+  """The ``apply_step`` contenders this installation has."""
+  if not hasattr(amsgrad_jax, "apply_step"):
+    return []
+  names = ["amsgrad_jax.apply_step"]
+  if "flat_state" in inspect.signature(amsgrad_jax.amsgrad).parameters:
+    names.append("amsgrad_jax.apply_step (flat state)")
   return names
 
 
@@ -99,3 +109,40 @@ def test_limit_and_compiled_step_facts(quick_run: tuple[Path, str]) -> None:
   assert ratio["ours_vs_optax"] > 0
   assert ratio["ours_vs_torch_fused"] > 0
   assert ratio["ours_vs_optax_same_process"] > 0
+
+
+def test_in_process_limit_of_the_native_step_on_single_leaves(quick_run: tuple[Path, str]) -> None:
+  out, _ = quick_run
+  summary = json.loads((out / "_static" / "bench_results.json").read_text())
+  native = native_contenders()
+  if not native:
+    pytest.skip("this amsgrad_jax has no apply_step")
+  assert summary["in_process_probe"]["built"] is True
+  single = [case["id"] for case in summary["cases"] if case["leaves"] == 1]
+  assert single  # the quick run has single-leaf cases
+  for name, per_case in summary["results"].items():
+    for case_id, entry in per_case.items():
+      probed = name in native and case_id in single
+      assert ("percent_of_in_process_limit" in entry) == probed, (name, case_id)
+      if probed:
+        assert "probe_error" not in entry
+        assert entry["percent_of_in_process_limit"] > 0
+        assert len(entry["percent_of_in_process_limit_rounds"]) == summary["rounds"]
+        assert entry["in_process_limit_ms"] > 0
+        assert entry["in_process_limit_gbs"] > 0
+        assert entry["probe_threads"] >= 1
+  headline = summary["headline"]
+  assert set(headline["contenders"]) == set(native)
+  for check in headline["contenders"].values():
+    assert check["percent_of_in_process_limit"] > 0
+    assert isinstance(check["holds"], bool)
+  page = (out / "benchmarks.md").read_text()
+  assert "% of the in-process limit" in page
+  assert "stream.c limit" in page
+  ratio_keys = {
+    "amsgrad_jax.apply_step": "apply_step_vs_torch_fused",
+    "amsgrad_jax.apply_step (flat state)": "apply_step_flat_vs_torch_fused",
+  }
+  for name in native:
+    assert f"{name} / torch fused" in page
+    assert summary["ratios"]["leaf-16000"][ratio_keys[name]] > 0
