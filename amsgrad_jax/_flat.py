@@ -71,6 +71,25 @@ class FlatLayout:
   def leaf_specs(self) -> list[tuple[tuple[int, ...], str]]:
     return list(zip(self.shapes, self.groups, strict=True))
 
+  def covers(self, tree: Any) -> bool:
+    """Whether ``tree``'s leaves stand one for one for the layout's, with the same shapes.
+
+    ``tree`` has the layout's structure, or a coarser one each of whose leaves sits where
+    the layout has a node holding exactly one leaf: a Flax NNX optimizer builds its state
+    from ``Variable`` nodes and later passes their bare values.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    if len(leaves) != len(self.shapes):
+      return False
+    if treedef != self.treedef:
+      try:
+        subtrees = treedef.flatten_up_to(self.template())
+      except (ValueError, TypeError):
+        return False
+      if any(len(jax.tree.leaves(subtree)) != 1 for subtree in subtrees):
+        return False
+    return all(np.shape(leaf) == shape for leaf, shape in zip(leaves, self.shapes, strict=True))
+
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)

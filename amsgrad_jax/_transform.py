@@ -240,7 +240,11 @@ def scale_by_amsgrad(
   ) -> tuple[optax.Updates, ScaleByAmsgradState]:
     del params
     flat = isinstance(state.mu, FlatMoment)
-    _validation.check_same_structure(updates, state.mu.layout.template() if flat else state.mu)
+    if not flat:
+      _validation.check_same_structure(updates, state.mu)
+    elif not state.mu.layout.covers(updates):
+      _validation.check_same_structure(updates, state.mu.layout.template())
+      raise ValueError("The gradient tree does not match the flat state's layout.")
     _validation.check_float_leaves(updates, "gradients")
     count = _numerics.safe_increment(state.count)
     cache: dict[Any, StepScalars] = {}

@@ -397,8 +397,10 @@ def nnx_apply_step(optimizer, model, grads) -> None:
   optimizer.step[...] += 1
 
 
-def test_nnx_train_step_with_apply_step():
-  """An nnx train step built on apply_step follows nnx.Optimizer.update step for step."""
+@pytest.mark.parametrize("flat_state", [False, True], ids=["tree-state", "flat-state"])
+def test_nnx_train_step_with_apply_step(flat_state):
+  """An nnx train step built on apply_step follows nnx.Optimizer.update step for step (the
+  optimizer's state is built from Variables, the step passes their bare values)."""
   nnx = require("flax.nnx")
   rng = np.random.default_rng(0)
   inputs = jnp.asarray(rng.uniform(-2.0, 2.0, (64, 3)), jnp.float32)
@@ -417,7 +419,7 @@ def test_nnx_train_step_with_apply_step():
 
   def make(seed):
     model = MLP(nnx.Rngs(seed))
-    tx = amsgrad_jax.amsgradw(0.02, weight_decay=1e-3)
+    tx = amsgrad_jax.amsgradw(0.02, weight_decay=1e-3, flat_state=flat_state)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
@@ -441,7 +443,9 @@ def test_nnx_train_step_with_apply_step():
     native_step(model, optimizer)
     return nnx.state((model, optimizer))
 
-  assert_native_in(jax.jit(functional_step).lower(state).as_text())
+  text = jax.jit(functional_step).lower(state).as_text()
+  assert_native_in(text)
+  assert ("amsgrad_jax_step_flat" in text) == flat_state
   initial = float(loss_fn(native_model))
   for _ in range(60):
     native_step(native_model, native_optimizer)

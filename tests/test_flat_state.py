@@ -384,3 +384,40 @@ def test_flat_state_under_a_mesh_and_pmap():
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == ["ok", "8"]
+
+
+def test_nnx_optimizer_with_flat_state_follows_the_tree_layout():
+  """nnx.Optimizer builds the state from Variables and updates with their bare values: the
+  layout accepts that coarser tree (each leaf where the layout holds one Variable)."""
+  nnx = pytest.importorskip("flax.nnx")
+
+  def train(flat_state: bool) -> object:
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(
+      model, amsgrad_jax.amsgrad(1e-2, flat_state=flat_state), wrt=nnx.Param
+    )
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+    @nnx.jit
+    def step(model, optimizer):
+      grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+      optimizer.update(model, grads)
+
+    for _ in range(5):
+      step(model, optimizer)
+    return nnx.state(model, nnx.Param), optimizer
+
+  flat_params, flat_optimizer = train(True)
+  tree_params, _ = train(False)
+  assert isinstance(amsgrad_state(nnx.as_pure(flat_optimizer.opt_state)).mu, FlatMoment)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9), flat_params, tree_params
+  )
+
+
+def test_a_coarser_tree_must_still_cover_one_leaf_per_position():
+  """A leaf where the layout has a node of two leaves is refused, not silently reshaped."""
+  tx = amsgrad_jax.amsgrad(1e-2, flat_state=True)
+  state = tx.init({"pair": (jnp.ones(3), jnp.ones(3)), "b": jnp.ones(3)})
+  with pytest.raises(ValueError, match="does not match"):
+    tx.update({"pair": jnp.ones(3), "b": jnp.ones(3)}, state)

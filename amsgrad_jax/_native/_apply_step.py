@@ -251,7 +251,7 @@ def _flat_buffers_fit(grads: Any, state: ScaleByAmsgradState, params: Any) -> bo
   moments = (state.mu, state.nu, state.nu_max)
   if any(not isinstance(m, FlatMoment) or m.layout != layout for m in moments):
     return False
-  if any(jax.tree.structure(tree) != layout.treedef for tree in (params, grads)):
+  if not (layout.covers(params) and layout.covers(grads)):
     return False
   sizes = layout.sizes()
   for moment in moments:
