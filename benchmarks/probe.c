@@ -5,7 +5,7 @@
  * just timed: the parameter leaf p, its gradient g and the state mu, nu, nu_max. One call
  * makes one pass
  *
- *   x = g[i] * s + 1e-30f;  p[i] += x;  mu[i] += x;  nu[i] += x;  nu_max[i] += x
+ *   x = g[i] * s;  p[i] += x;  mu[i] += x;  nu[i] += x;  nu_max[i] += x
  *
  * which reads five float32 arrays and writes four of them back in place: 36 bytes per
  * element, the traffic of one AMSGrad step (read p, g, mu, nu, nu_max; write p, mu, nu,
