@@ -38,24 +38,29 @@ def compiler() -> str | None:
   return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def build(directory: Path) -> Path | None:
-  """Compile ``stream.c`` into ``directory``; ``None`` when no compiler can build it."""
+def compile_c(source: Path, output: Path, flags: tuple[str, ...]) -> Path | None:
+  """Compile ``source`` into ``output`` with ``flags`` (and, first, the GCC-only flags that
+  keep loops vectorised); ``None`` when no compiler can build it."""
   compiler_path = compiler()
   if compiler_path is None:
     return None
-  binary = directory / "stream"
-  for flags in ((*FLAGS, *GCC_ONLY_FLAGS), FLAGS):
+  for attempt in ((*flags, *GCC_ONLY_FLAGS), flags):
     try:
       subprocess.run(
-        [compiler_path, *flags, str(SOURCE), "-o", str(binary)],
+        [compiler_path, *attempt, str(source), "-o", str(output)],
         check=True,
         capture_output=True,
         timeout=120,
       )
     except (OSError, subprocess.SubprocessError):
       continue
-    return binary
+    return output
   return None
+
+
+def build(directory: Path) -> Path | None:
+  """Compile ``stream.c`` into ``directory``; ``None`` when no compiler can build it."""
+  return compile_c(SOURCE, directory / "stream", FLAGS)
 
 
 def measure(binary: Path | None, elements: int, repetitions: int) -> dict[str, Any]:

@@ -28,7 +28,6 @@ import ctypes
 import functools
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,24 +47,8 @@ METHOD = f"probe.c (cc {' '.join(FLAGS)}) on the step's own buffers"
 
 def build(directory: Path) -> Path | None:
   """Compile ``probe.c`` into a shared library in ``directory``; ``None`` when no compiler
-  can build it. GCC-only flags that keep the loop vectorised are tried first, as for
-  ``stream.c``."""
-  compiler = bandwidth.compiler()
-  if compiler is None:
-    return None
-  library = directory / "libamsgrad_probe.so"
-  for flags in ((*FLAGS, *bandwidth.GCC_ONLY_FLAGS), FLAGS):
-    try:
-      subprocess.run(
-        [compiler, *flags, str(SOURCE), "-o", str(library)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-      )
-    except (OSError, subprocess.SubprocessError):
-      continue
-    return library
-  return None
+  can build it."""
+  return bandwidth.compile_c(SOURCE, directory / "libamsgrad_probe.so", FLAGS)
 
 
 def threads() -> int:
