@@ -421,3 +421,22 @@ def test_a_coarser_tree_must_still_cover_one_leaf_per_position():
   state = tx.init({"pair": (jnp.ones(3), jnp.ones(3)), "b": jnp.ones(3)})
   with pytest.raises(ValueError, match="does not match"):
     tx.update({"pair": jnp.ones(3), "b": jnp.ones(3)}, state)
+
+
+def test_masked_flat_state_skips_masked_out_leaves():
+  """Under optax.masked the layout covers only the leaves the mask lets through (an integer
+  step counter here stays out of the buffers), and the updates equal the tree layout's."""
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2), "step": jnp.zeros((), jnp.int32)}
+  mask = {"w": True, "b": True, "step": False}
+  grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.ones(2), "step": jnp.zeros((), jnp.int32)}
+  results = []
+  for flat_state in (False, True):
+    tx = optax.masked(amsgrad_jax.amsgrad(1e-2, flat_state=flat_state), mask)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+      updates, state = update(grads, state, params)
+    results.append(updates)
+  flat_moments = amsgrad_state(state.inner_state).mu
+  assert {k: v.shape for k, v in flat_moments.buffers.items()} == {"float32": (8,)}
+  jax.tree.map(np.testing.assert_array_equal, results[1], results[0])
