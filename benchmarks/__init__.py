@@ -4,8 +4,8 @@
 optax.adam, ``torch.optim.Adam(amsgrad=True)`` in its fused, foreach and single-tensor
 forms, and ``amsgrad_jax.apply_step`` when the package has it (with per-leaf and with
 flat optimizer state), each in its own process, against the memory-bandwidth limit
-measured in the same run (by stream.c in a process of its own, and for the native step on
-one leaf also inside the step's process, on its own buffers); it prints the tables and
+measured in the same run (by stream.c in a process of its own, and for the native step and
+PyTorch's fused step on one leaf also inside the step's process, on its own buffers); it prints the tables and
 writes them, a JSON file and two plots into the docs. About 8 minutes on 2 CPU cores;
 ``--quick`` checks every code path in well under a minute.
 

@@ -1,8 +1,9 @@
 /* The memory traffic of one AMSGrad pass, on buffers the caller already has.
  *
  * Built at run time into a shared library (cc -O3 -march=native -shared -fPIC -pthread)
- * and called through ctypes from the JAX worker, on the very buffers of the step it has
- * just timed: the parameter leaf p, its gradient g and the state mu, nu, nu_max. One call
+ * and called through ctypes from the JAX worker (after amsgrad_jax.apply_step) and the
+ * PyTorch worker (after the fused Adam step), on the very buffers of the step it has just
+ * timed: the parameter leaf p, its gradient g and the state mu, nu, nu_max. One call
  * makes one pass
  *
  *   x = g[i] * s;  p[i] += x;  mu[i] += x;  nu[i] += x;  nu_max[i] += x
@@ -18,10 +19,12 @@
  * The pass is split over `threads` plain POSIX threads, one contiguous part each (the
  * calling thread does the first part), in parts of whole 64-byte lines so that no two
  * threads write the same cache line. Plain threads rather than OpenMP: an OpenMP runtime
- * keeps its idle threads spinning after a parallel region, and they would slow the JAX
- * step that shares the process. The threads are started and joined on every call; that
- * costs some tens of microseconds, inside the measured time, so on small arrays the
- * probe's time is an upper bound on the pass's (and a step's fraction of it is flattered).
+ * keeps its idle threads spinning after a parallel region, and they would slow the step
+ * that shares the process (PyTorch's own OpenMP threads do so after its step, which is
+ * why the PyTorch worker waits for them to sleep before calling this). The threads are
+ * started and joined on every call; that costs some tens of microseconds, inside the
+ * measured time, so on small arrays the probe's time is an upper bound on the pass's (and
+ * a step's fraction of it is flattered).
  */
 #include <pthread.h>
 #include <time.h>

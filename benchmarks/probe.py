@@ -4,9 +4,13 @@ The stream.c limit (:mod:`benchmarks.bandwidth`) is measured in a process of its
 on this kind of machine the memory speed a process gets varies from one process to the
 next (a whole process may stream at 120 GB/s and the next at 72 GB/s). Comparing a step's
 median with the best round of another process does not compare like with like. So the
-JAX worker also runs ``probe.c`` in its own process, on the very buffers of the step it
+worker also runs ``probe.c`` in its own process, on the very buffers of the step it
 times, alternating with the step (step, probe, step, probe, ...): both see the same
-process, the same pages and the same moment.
+process, the same pages and the same moment. It does so on single-leaf cases for the
+``amsgrad_jax.apply_step`` contenders (:mod:`benchmarks.jax_worker`) and for PyTorch's
+fused step (:mod:`benchmarks.torch_worker`, which first lets PyTorch's spinning OpenMP
+threads go to sleep). This module imports neither JAX nor PyTorch, so either worker can
+use it.
 
 ``probe.c`` is compiled at run time into a shared library
 (``cc -O3 -march=native -shared -fPIC -pthread``, the compiler found as for ``stream.c``)

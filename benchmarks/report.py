@@ -11,11 +11,14 @@ time. Two limits put it in context:
   A process's memory speed varies from one process to the next, so a step's median
   against the best of other processes is context, not a like-for-like comparison;
 * the **in-process limit** (``percent_of_in_process_limit``), for the ``apply_step``
-  contenders on one leaf: in each worker process, one pass of ``probe.c`` over the step's
-  own buffers after every step (:mod:`benchmarks.probe`). Both move 36 bytes per
-  parameter, so the step runs at ``f = median(probe times) / median(step times)`` of the
-  rate the probe reached in that process; the summary is the median of ``f`` over the
-  rounds (``percent_of_in_process_limit_rounds`` keeps each round's).
+  contenders and for PyTorch's fused step (:data:`PROBED`) on one leaf: in each of their
+  worker processes, one pass of ``probe.c`` over the step's own buffers after every step
+  (:mod:`benchmarks.probe`). Both move 36 bytes per parameter, so the step runs at
+  ``f = median(probe times) / median(step times)`` of the rate the probe reached in that
+  process; the summary is the median of ``f`` over the rounds
+  (``percent_of_in_process_limit_rounds`` keeps each round's). The headline check is
+  about the ``apply_step`` contenders; torch fused's share is given beside it for
+  comparison.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ TOLERATED_RATIO = 1.05
 # On the middle single leaf (16M), apply_step must reach this share of the in-process limit.
 HEADLINE_PERCENT = 90.0
 NATIVE = (APPLY_STEP, APPLY_STEP_FLAT)
+# The contenders whose workers run the in-process probe on single-leaf cases.
+PROBED = (*NATIVE, TORCH_FUSED)
 _FACTS = (
   "xla_bytes_per_param",
   "xla_flops_per_param",
@@ -217,7 +222,8 @@ def _ratios(
 def _headline(cases: list[dict[str, Any]], results: dict[str, Any]) -> dict[str, Any] | None:
   """The headline check: on the middle single leaf (16M parameters in the full run), each
   ``apply_step`` contender's share of the in-process limit (``holds`` when it is at least
-  :data:`HEADLINE_PERCENT`), with its share of the stream.c limit beside it for context."""
+  :data:`HEADLINE_PERCENT`), with its share of the stream.c limit beside it for context;
+  ``comparison`` gives torch fused's two shares on the same case (no check)."""
   if not any(c["group"] == "a" for c in cases):
     return None
   reference = _reference_case(cases)
@@ -232,11 +238,19 @@ def _headline(cases: list[dict[str, Any]], results: dict[str, Any]) -> dict[str,
       "percent_of_stream_limit": entry.get("percent_of_limit"),
       "holds": None if percent is None else percent >= HEADLINE_PERCENT,
     }
+  comparison = {}
+  entry = results.get(TORCH_FUSED, {}).get(reference["id"])
+  if entry is not None:
+    comparison[TORCH_FUSED] = {
+      "percent_of_in_process_limit": entry.get("percent_of_in_process_limit"),
+      "percent_of_stream_limit": entry.get("percent_of_limit"),
+    }
   return {
     "case": reference["id"],
     "label": reference["label"],
     "required_percent_of_in_process_limit": HEADLINE_PERCENT,
     "contenders": per_contender,
+    "comparison": comparison,
   }
 
 
@@ -302,7 +316,7 @@ def _floors(summary: dict[str, Any], case: dict[str, Any]) -> str:
   text += ". Measured: " + ", ".join(measured) + "."
   probed = [
     f"{summary['results'][name][case['id']]['in_process_limit_ms']:.3g} ms in the {name} processes"
-    for name in NATIVE
+    for name in PROBED
     if "in_process_limit_ms" in summary["results"].get(name, {}).get(case["id"], {})
   ]
   if probed:
@@ -332,12 +346,14 @@ def _in_process_lines(summary: dict[str, Any], single: list[dict[str, Any]]) -> 
   if names:
     lines += [
       "",
-      "**% of the in-process limit** (`benchmarks/probe.c`): in each worker process, every "
-      "timed step is followed by one pass over the step's own five buffers (parameter, "
-      "gradient, `mu`, `nu`, `nu_max`) making the same 36 bytes/param of traffic with almost "
-      "no arithmetic. Per process, the probe's median time over the step's median time is "
-      "the step's share of the rate the memory gave that process; median [min–max] over "
-      "rounds, then the probe's own rate in GB/s (median over rounds)",
+      "**% of the in-process limit** (`benchmarks/probe.c`): in each worker process of "
+      "the `apply_step` contenders and of torch fused, on single leaves, every timed step "
+      "is followed by one pass over the step's own five buffers (parameter, gradient, `mu`, "
+      "`nu`, `nu_max`; PyTorch's `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`) making the same "
+      "36 bytes/param of traffic with almost no arithmetic (in PyTorch's process once its "
+      "OpenMP threads have stopped spinning). Per process, the probe's median time over the "
+      "step's median time is the step's share of the rate the memory gave that process; "
+      "median [min–max] over rounds, then the probe's own rate in GB/s (median over rounds)",
       "",
     ]
     rows = []
@@ -365,11 +381,20 @@ def _in_process_lines(summary: dict[str, Any], single: list[dict[str, Any]]) -> 
       f"{mark} ({_optional(check['percent_of_stream_limit'], '.0f')}% of the stream.c limit)"
     )
   if checks:
+    compared = [
+      f"{name} reaches {check['percent_of_in_process_limit']:.0f}% of its in-process limit "
+      f"({_optional(check['percent_of_stream_limit'], '.0f')}% of the stream.c limit)"
+      for name, check in headline.get("comparison", {}).items()
+      if check["percent_of_in_process_limit"] is not None
+    ]
     lines += [
       "",
       f"**Headline check on {headline['label']}** (within "
       f"{100 - headline['required_percent_of_in_process_limit']:.0f}% of the memory-bandwidth "
-      "limit measured in the same process): " + "; ".join(checks) + ".",
+      "limit measured in the same process): "
+      + "; ".join(checks)
+      + "."
+      + ("" if not compared else " For comparison, " + "; ".join(compared) + "."),
     ]
   if errors:
     lines += ["", "**In-process probe not run:** " + "; ".join(errors) + "."]

@@ -3,8 +3,9 @@
 Times are never asserted: they depend on the machine and on what else runs on it. What is
 checked is that every code path runs (a JAX contender, Optax, PyTorch, the native step when
 the package has it, with flat state when ``amsgrad`` takes it, the stream.c bandwidth probe,
-the in-process probe beside the native step, the compiled-step analysis, the report and the
-plots) and that the numbers it writes are well formed. Takes about 20 s on 2 idle CPU cores.
+the in-process probe beside the native step and PyTorch's fused step, the compiled-step
+analysis, the report and the plots) and that the numbers it writes are well formed. Takes
+about 20 s on 2 idle CPU cores.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +113,9 @@ def test_limit_and_compiled_step_facts(quick_run: tuple[Path, str]) -> None:
   assert ratio["ours_vs_optax_same_process"] > 0
 
 
-def test_in_process_limit_of_the_native_step_on_single_leaves(quick_run: tuple[Path, str]) -> None:
+def test_in_process_limit_of_the_native_and_fused_steps_on_single_leaves(
+  quick_run: tuple[Path, str],
+) -> None:
   out, _ = quick_run
   summary = json.loads((out / "_static" / "bench_results.json").read_text())
   native = native_contenders()
@@ -122,7 +126,7 @@ def test_in_process_limit_of_the_native_step_on_single_leaves(quick_run: tuple[P
   assert single  # the quick run has single-leaf cases
   for name, per_case in summary["results"].items():
     for case_id, entry in per_case.items():
-      probed = name in native and case_id in single
+      probed = name in (*native, "torch fused") and case_id in single
       assert ("percent_of_in_process_limit" in entry) == probed, (name, case_id)
       if probed:
         assert "probe_error" not in entry
@@ -136,8 +140,14 @@ def test_in_process_limit_of_the_native_step_on_single_leaves(quick_run: tuple[P
   for check in headline["contenders"].values():
     assert check["percent_of_in_process_limit"] > 0
     assert isinstance(check["holds"], bool)
+  fused = headline["comparison"]["torch fused"]
+  assert fused["percent_of_in_process_limit"] > 0
+  assert "holds" not in fused  # beside the check, not part of it
   page = (out / "benchmarks.md").read_text()
   assert "% of the in-process limit" in page
+  # torch fused's row of the in-process table: a percentage [min–max] per single leaf.
+  assert re.search(r"^\| torch fused \| \d+% \[\d+–\d+%\], [\d.]+ GB/s \|", page, re.M)
+  assert "For comparison, torch fused reaches" in page
   assert "stream.c limit" in page
   ratio_keys = {
     "amsgrad_jax.apply_step": "apply_step_vs_torch_fused",
