@@ -6,14 +6,13 @@ Flax transformer's parameter tree), compiles ``step(params, state, grads)`` with
 place, records what XLA says about the compiled step, runs ``warmup`` untimed steps and
 then times ``repetitions`` steps one by one, each waited for with ``block_until_ready``.
 
-For an ``amsgrad_jax.apply_step`` contender on a case of one leaf, each step (warm-up
-ones included) is followed by one pass of the in-process bandwidth probe
-(:mod:`benchmarks.probe`) over the step's own five buffers, the parameter leaf, its
-gradient and the leaf's ``mu``, ``nu`` and ``nu_max`` found by their raw pointers, so the
-step and the probe alternate and see the same process, pages and moment; the probe's
-times are recorded next to the step's (``probe_times_s``), or why it did not run
-(``probe_error``). The probe makes the traffic a step makes, so each step finds the caches
-as a step before it would have left them.
+For an ``amsgrad_jax.apply_step`` contender on a case of one leaf, the timed steps are
+followed by as many passes of the in-process bandwidth probe (:mod:`benchmarks.probe`),
+back to back like the steps, over the step's own five buffers: the parameter leaf, its
+gradient and the leaf's ``mu``, ``nu`` and ``nu_max``, found by their raw pointers. Step
+and probe see the same process, pages and (within a second) moment, and the steps are
+timed exactly as for every other contender. The probe's times are recorded next to the
+step's (``probe_times_s``), or why it did not run (``probe_error``).
 
 The loop case runs the train step of ``examples/mlp_flax.py`` (forward, backward and
 update, jitted with donation) for ``steps`` steps and times the whole loop, after one
@@ -92,23 +91,21 @@ def time_step_case(contender: Contender, case: Case, config: Config) -> dict[str
   }
 
   in_process_probe, probe_facts = _probe_for(contender, params, grads, opt_state)
-  times, probe_times = [], []
+  times = []
   index = 0
   while not case.done(times):
     start = time.perf_counter()
     params, opt_state = compiled(params, opt_state, grads)
     jax.block_until_ready((params, opt_state))
-    elapsed = time.perf_counter() - start
-    probe_s = None
-    if in_process_probe is not None:
-      probe_s = in_process_probe.time_pass(leaf_pointers(params, grads, opt_state), parameter_count)
     if index >= case.warmup:
-      times.append(elapsed)
-      if probe_s is not None:
-        probe_times.append(probe_s)
+      times.append(time.perf_counter() - start)
     index += 1
   if in_process_probe is not None:
-    probe_facts["probe_times_s"] = probe_times
+    pointers = leaf_pointers(params, grads, opt_state)
+    in_process_probe.time_pass(pointers, parameter_count)  # untimed, as the first step
+    probe_facts["probe_times_s"] = [
+      in_process_probe.time_pass(pointers, parameter_count) for _ in times
+    ]
   return {
     "times_s": times,
     "compile_s": compile_s,
@@ -127,8 +124,8 @@ def leaf_pointers(params: Any, grads: Any, opt_state: Any) -> list[int]:
   The state's three are the arrays of ``opt_state`` with as many elements as the leaf:
   one array per moment with per-leaf state, and one flat buffer per moment (the leaf's
   dtype group) with ``flat_state=True``; the step count and other scalars are smaller.
-  They are the buffers the step has just written, taken afresh after every step since a
-  donated step may hand back other buffers than it was given.
+  They are the buffers the last step wrote: a donated step may hand back other buffers
+  than it was given, so they are taken after the timed steps.
   """
   (param,) = jax.tree.leaves(params)
   (grad,) = jax.tree.leaves(grads)

@@ -5,8 +5,9 @@ on this kind of machine the memory speed a process gets varies from one process 
 next (a whole process may stream at 120 GB/s and the next at 72 GB/s). Comparing a step's
 median with the best round of another process does not compare like with like. So the
 worker also runs ``probe.c`` in its own process, on the very buffers of the step it
-times, alternating with the step (step, probe, step, probe, ...): both see the same
-process, the same pages and the same moment. It does so on single-leaf cases for the
+times, right after the timed steps and as many times, back to back like them: both see
+the same process and pages, within a second of each other, and the steps are timed
+exactly as without it. It does so on single-leaf cases for the
 ``amsgrad_jax.apply_step`` contenders (:mod:`benchmarks.jax_worker`) and for PyTorch's
 fused step (:mod:`benchmarks.torch_worker`, which first lets PyTorch's spinning OpenMP
 threads go to sleep). This module imports neither JAX nor PyTorch, so either worker can

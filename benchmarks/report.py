@@ -12,7 +12,7 @@ time. Two limits put it in context:
   against the best of other processes is context, not a like-for-like comparison;
 * the **in-process limit** (``percent_of_in_process_limit``), for the ``apply_step``
   contenders and for PyTorch's fused step (:data:`PROBED`) on one leaf: in each of their
-  worker processes, one pass of ``probe.c`` over the step's own buffers after every step
+  worker processes, as many passes of ``probe.c`` over the step's own buffers as timed steps, right after them
   (:mod:`benchmarks.probe`). Both move 36 bytes per parameter, so the step runs at
   ``f = median(probe times) / median(step times)`` of the rate the probe reached in that
   process; the summary is the median of ``f`` over the rounds
@@ -347,8 +347,8 @@ def _in_process_lines(summary: dict[str, Any], single: list[dict[str, Any]]) -> 
     lines += [
       "",
       "**% of the in-process limit** (`benchmarks/probe.c`): in each worker process of "
-      "the `apply_step` contenders and of torch fused, on single leaves, every timed step "
-      "is followed by one pass over the step's own five buffers (parameter, gradient, `mu`, "
+      "the `apply_step` contenders and of torch fused, on single leaves, the timed steps are "
+      "followed by as many passes over the step's own five buffers (parameter, gradient, `mu`, "
       "`nu`, `nu_max`; PyTorch's `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`) making the same "
       "36 bytes/param of traffic with almost no arithmetic (in PyTorch's process once its "
       "OpenMP threads have stopped spinning). Per process, the probe's median time over the "

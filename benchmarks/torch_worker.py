@@ -8,18 +8,18 @@ parameters of the case's shapes with gradients already in ``.grad``, builds
 case is the original listing: ``Sequential(Linear, ReLU, Linear)``, ``MSELoss(sum)``,
 ``loss.item()`` every step, ``zero_grad``, ``backward``, ``step``, for ``steps`` steps.
 
-For the fused contender (``fused=True``) on a case of one leaf, each step (warm-up ones
-included) is followed by one pass of the in-process bandwidth probe
-(:mod:`benchmarks.probe`, the library and thread count the JAX worker uses) over the
+For the fused contender (``fused=True``) on a case of one leaf, the timed steps are
+followed by as many passes of the in-process bandwidth probe (:mod:`benchmarks.probe`,
+the library and thread count the JAX worker uses), back to back like the steps, over the
 step's own five buffers: the parameter, its gradient and the state's ``exp_avg``,
 ``exp_avg_sq`` and ``max_exp_avg_sq`` (AMSGrad's ``mu``, ``nu`` and ``nu_max``), found by
-their raw pointers, as the JAX worker does for ``amsgrad_jax.apply_step``. PyTorch's
-OpenMP threads keep spinning for some milliseconds after a step and would take the cores
-from the probe's threads, so before each pass the worker waits for them to go to sleep
-(:func:`wait_for_threads_to_sleep`: :data:`THREADS_ASLEEP_S`, longer while another
-thread of the process still runs); the wait is outside both timed intervals, and each
-step then starts with its threads asleep, as the first step after any pause does. The probe's times are recorded next to the step's (``probe_times_s``), or why
-it did not run (``probe_error``).
+their raw pointers, as the JAX worker does for ``amsgrad_jax.apply_step``. The steps are
+timed exactly as without the probe. PyTorch's OpenMP threads keep spinning for some
+milliseconds after a step and would take the cores from the probe's threads, so before
+the passes the worker waits for them to go to sleep (:func:`wait_for_threads_to_sleep`:
+:data:`THREADS_ASLEEP_S`, longer while another thread of the process still runs). The
+probe's times are recorded next to the step's (``probe_times_s``), or why it did not run
+(``probe_error``).
 """
 
 from __future__ import annotations
@@ -65,28 +65,24 @@ def time_step_case(contender: Contender, case: Case) -> dict[str, Any]:
     param.grad = (torch.rand(shape, generator=generator) * 2 - 1) * 1e-2
     params.append(param)
   optimizer = _optimizer(contender, params, STEP_LEARNING_RATE)
-  probing = contender.torch_options.get("fused") is True and len(params) == 1
-  in_process_probe, probe_facts = None, {}
-  times, probe_times = [], []
+  times = []
   index = 0
   while not case.done(times):
     start = time.perf_counter()
     optimizer.step()
-    elapsed = time.perf_counter() - start
-    if probing and index == 0:  # The state exists from the first step on.
-      in_process_probe, probe_facts = _probe_for(params[0], optimizer)
-    probe_s = None
+    if index >= case.warmup:
+      times.append(time.perf_counter() - start)
+    index += 1
+  probe_facts: dict[str, Any] = {}
+  if contender.torch_options.get("fused") is True and len(params) == 1:
+    in_process_probe, probe_facts = _probe_for(params[0], optimizer)
     if in_process_probe is not None:
       wait_for_threads_to_sleep()
       pointers = buffer_pointers(params[0], optimizer)
-      probe_s = in_process_probe.time_pass(pointers, params[0].numel())
-    if index >= case.warmup:
-      times.append(elapsed)
-      if probe_s is not None:
-        probe_times.append(probe_s)
-    index += 1
-  if in_process_probe is not None:
-    probe_facts["probe_times_s"] = probe_times
+      in_process_probe.time_pass(pointers, params[0].numel())  # untimed, as the first step
+      probe_facts["probe_times_s"] = [
+        in_process_probe.time_pass(pointers, params[0].numel()) for _ in times
+      ]
   parameter_count = sum(param.numel() for param in params)
   state_bytes = sum(
     value.numel() * value.element_size()

@@ -2,10 +2,10 @@
 
 The PyTorch worker finds the buffers of ``torch.optim.Adam(amsgrad=True, fused=True)`` on
 one parameter by their raw pointers (the gradient, the parameter, ``exp_avg``,
-``exp_avg_sq``, ``max_exp_avg_sq``) and runs ``benchmarks/probe.c`` over them after every
-step, so the pointers must be those tensors' and the pass must leave every value as it
+``exp_avg_sq``, ``max_exp_avg_sq``) and runs ``benchmarks/probe.c`` over them after the
+timed steps, so the pointers must be those tensors' and the pass must leave every value as it
 was. A pass with a scale of 1 checks that each pointer reaches the tensor it names: each
-updated one must come back as itself plus the gradient. Before each pass the worker waits
+updated one must come back as itself plus the gradient. Before the passes the worker waits
 for the other threads of its process (PyTorch's spinning OpenMP threads) to sleep.
 """
 
