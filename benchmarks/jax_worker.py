@@ -149,17 +149,7 @@ def _probe_for(
   single leaf, with the facts to record about it (or why it cannot run)."""
   if contender.apply != "apply_step" or len(jax.tree.leaves(params)) != 1:
     return None, {}
-  try:
-    leaf_pointers(params, grads, opt_state)
-  except ValueError as error:
-    return None, {"probe_error": str(error)}
-  in_process_probe, reason = probe.from_environment()
-  if in_process_probe is None:
-    return None, {"probe_error": reason}
-  return in_process_probe, {
-    "probe_threads": in_process_probe.threads,
-    "probe_bytes_per_param": probe.BYTES_PER_ELEMENT,
-  }
+  return probe.prepared(lambda: leaf_pointers(params, grads, opt_state))
 
 
 def time_mlp_loop(contender: Contender, case: Case) -> dict[str, Any]:

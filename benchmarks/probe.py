@@ -34,8 +34,9 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from benchmarks import bandwidth
 
@@ -110,3 +111,20 @@ def from_environment() -> tuple[Probe | None, str | None]:
     return Probe(Path(named)), None
   except (OSError, AttributeError) as error:
     return None, f"could not load {named}: {error}"
+
+
+def prepared(find_pointers: Callable[[], Sequence[int]]) -> tuple[Probe | None, dict[str, Any]]:
+  """This process's probe for the buffers ``find_pointers`` finds, with the facts to record
+  about it; ``(None, {"probe_error": why})`` when ``find_pointers`` raises ``ValueError``
+  (the buffers are not one AMSGrad pass's) or there is no probe library."""
+  try:
+    find_pointers()
+  except ValueError as error:
+    return None, {"probe_error": str(error)}
+  in_process_probe, reason = from_environment()
+  if in_process_probe is None:
+    return None, {"probe_error": reason}
+  return in_process_probe, {
+    "probe_threads": in_process_probe.threads,
+    "probe_bytes_per_param": BYTES_PER_ELEMENT,
+  }

@@ -166,17 +166,7 @@ def _probe_for(
 ) -> tuple[probe.Probe | None, dict[str, Any]]:
   """The in-process probe for the buffers of ``param``, with the facts to record about it
   (or why it cannot run)."""
-  try:
-    buffer_pointers(param, optimizer)
-  except ValueError as error:
-    return None, {"probe_error": str(error)}
-  in_process_probe, reason = probe.from_environment()
-  if in_process_probe is None:
-    return None, {"probe_error": reason}
-  return in_process_probe, {
-    "probe_threads": in_process_probe.threads,
-    "probe_bytes_per_param": probe.BYTES_PER_ELEMENT,
-  }
+  return probe.prepared(lambda: buffer_pointers(param, optimizer))
 
 
 def time_mlp_loop(contender: Contender, case: Case) -> dict[str, Any]:

@@ -21,10 +21,13 @@ from types import ModuleType
 import numpy as np
 import pytest
 from _peers import require
+from test_benchmarks_probe import library
 
-from benchmarks import bandwidth, probe
+from benchmarks import probe
 from benchmarks.config import Case
 from benchmarks.contenders import TORCH_FUSED, by_name
+
+__all__ = ["library"]  # the probe library fixture, built once per module
 
 ROOT = Path(__file__).resolve().parents[1]
 ELEMENTS = 37  # Not a whole number of 64-byte lines, so the last thread's part is short.
@@ -40,15 +43,6 @@ def torch_worker(torch: ModuleType) -> ModuleType:
   from benchmarks import torch_worker
 
   return torch_worker
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-  if bandwidth.compiler() is None:
-    pytest.skip("no C compiler on this machine")
-  built = probe.build(tmp_path_factory.mktemp("probe"))
-  assert built is not None, "a C compiler was found but could not build benchmarks/probe.c"
-  return built
 
 
 def _fused_step(torch: ModuleType, elements: int = ELEMENTS) -> tuple[object, object]:
