@@ -3,13 +3,14 @@
 With ``flat_state=True`` the moments ``mu``, ``nu`` and ``nu_max`` are each a
 :class:`FlatMoment` instead of a tree shaped like the parameters: leaf :math:`i` of dtype
 :math:`d` occupies elements ``[offset_i, offset_i + size_i)`` of the buffer of group
-:math:`d`, in the order of ``jax.tree.leaves(params)``. The arithmetic is the tree layout's: through
-:func:`~amsgrad_jax.apply_step` the results are bit for bit the same, and through
-``tx.update`` under ``jit`` they agree to within XLA's choice of fused multiply-adds. What
-changes is how many arrays the state has. A jitted step
-pays a few microseconds per array it takes and returns, so on a model of hundreds of small
-leaves the tree layout's three arrays per leaf cost more than the arithmetic; the flat
-layout has three per dtype.
+:math:`d`, in the order of ``jax.tree.leaves(params)``.
+
+The arithmetic is the tree layout's: through :func:`~amsgrad_jax.apply_step` the results
+are bit for bit the same, and through ``tx.update`` under ``jit`` they agree to within
+XLA's choice of fused multiply-adds. What changes is how many arrays the state has. A
+jitted step pays a microsecond or two for every array it takes and returns, so on a model
+of hundreds of small leaves the tree layout's three arrays per leaf cost more than the
+arithmetic; the flat layout has three per dtype.
 
 The layout (tree structure, shapes, offsets) is static: it is part of the state's tree
 structure, so ``jit`` specialises on it and a gradient tree that does not match it is
@@ -69,6 +70,7 @@ class FlatLayout:
     )
 
   def leaf_specs(self) -> list[tuple[tuple[int, ...], str]]:
+    """Each leaf's ``(shape, group)``, in tree order."""
     return list(zip(self.shapes, self.groups, strict=True))
 
   def covers(self, tree: Any) -> bool:
