@@ -242,9 +242,8 @@ def scale_by_amsgrad(
     flat = isinstance(state.mu, FlatMoment)
     if not flat:
       _validation.check_same_structure(updates, state.mu)
-    elif not state.mu.layout.covers(updates):
+    elif not state.mu.layout.covers(updates):  # then the trees or the shapes differ
       _validation.check_same_structure(updates, state.mu.layout.template())
-      raise ValueError("The gradient tree does not match the flat state's layout.")
     _validation.check_float_leaves(updates, "gradients")
     count = _numerics.safe_increment(state.count)
     cache: dict[Any, StepScalars] = {}
