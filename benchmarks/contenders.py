@@ -1,150 +1,99 @@
-"""The contenders: every optimizer implementation the benchmarks race.
+"""The contenders: every optimizer step the benchmarks race, in the order their processes run.
 
-A contender is plain data, so the driver can list them without importing PyTorch (whose
-OpenMP threads must never share a process with a JAX step) and each worker process can
-look its own up by name. Adding one is one entry in :func:`contenders`.
+A contender is plain data, so the driver lists them without importing PyTorch, and each
+worker looks its own up by name. Adding one is one entry in :data:`CONTENDERS`:
 
-* JAX contenders give an Optax transformation and how the step applies it: ``"optax"``
-  (``tx.update`` then ``optax.apply_updates``, what every Optax user writes) or
-  ``"apply_step"`` (``amsgrad_jax.apply_step``, the native one-pass step, measured
-  whenever the installed package has it, and again with ``flat_state=True``, the moments
-  kept as one buffer per dtype rather than one array per leaf, when ``amsgrad`` takes it).
-* PyTorch contenders give the keyword arguments of ``torch.optim.Adam(amsgrad=True)``
-  that pick its implementation: ``fused``, ``foreach`` or the single-tensor loop.
+* a JAX contender gives ``learning_rate -> optax transformation`` and how the step applies
+  it: ``tx.update`` then ``optax.apply_updates`` (what every Optax user writes), or
+  ``amsgrad_jax.apply_step`` (``native=True``);
+* a PyTorch contender names a ``torch.optim`` class and its keyword arguments (always
+  with ``amsgrad=True``), and ``clip``, a maximal gradient norm applied with
+  ``torch.nn.utils.clip_grad_norm_`` before each step.
+
+``bytes_per_param`` is what one pass over memory must move per parameter, the yardstick
+of :mod:`benchmarks.limit`: 36 for float32 AMSGrad, 28 for Adam (no ``nu_max``), 24 with
+the moments stored in bfloat16, and 4 more where the global norm reads the gradient first.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 import amsgrad_jax
 
-# Bytes per float32 parameter that one pass over memory must move:
-#   AMSGrad reads p, g, mu, nu, nu_max and writes p, mu, nu, nu_max: 9 x 4 = 36;
-#   Adam reads p, g, mu, nu and writes p, mu, nu: 7 x 4 = 28.
-ONE_PASS_BYTES_PER_PARAM = {"amsgrad": 36, "adam": 28}
-
-DEFAULT = "amsgrad_jax"
-OPTAX = "optax.amsgrad"
+CLIP_NORM = 1.0
 TORCH_FUSED = "torch fused"
-APPLY_STEP = "amsgrad_jax.apply_step"
-APPLY_STEP_FLAT = "amsgrad_jax.apply_step (flat state)"
 
 
 @dataclass(frozen=True)
 class Contender:
-  """One implementation to time.
-
-  Attributes:
-    name: how tables and plots call it.
-    framework: ``"jax"`` or ``"torch"``.
-    algorithm: ``"amsgrad"`` or ``"adam"``, for the bytes one pass must move.
-    description: the call it stands for.
-    make_tx: ``learning_rate -> optax transformation`` (JAX only).
-    apply: ``"optax"`` or ``"apply_step"``: how a JAX step applies ``make_tx`` (JAX only).
-    torch_options: keyword arguments of ``torch.optim.Adam`` (PyTorch only).
-    scaling: whether it also runs the extra points of the scaling plots (the other
-      rules of amsgrad_jax compile to the same loops as the default one, and the
-      single-tensor loop is the slowest by far: they run the headline cases only).
-  """
+  """One implementation to time; see the module's docstring for the fields."""
 
   name: str
-  framework: str
-  algorithm: str
-  description: str
   make_tx: Callable[[float], optax.GradientTransformation] | None = None
-  apply: str = "optax"
+  native: bool = False
+  torch_optimizer: str = ""
   torch_options: dict[str, Any] = field(default_factory=dict)
-  scaling: bool = True
+  clip: float | None = None
+  bytes_per_param: int = 36
 
   @property
-  def one_pass_bytes_per_param(self) -> int:
-    return ONE_PASS_BYTES_PER_PARAM[self.algorithm]
+  def framework(self) -> str:
+    return "torch" if self.torch_optimizer else "jax"
 
 
-def _ours(convention: str) -> Callable[[float], optax.GradientTransformation]:
-  return lambda learning_rate: amsgrad_jax.amsgrad(learning_rate, convention=convention)
+def _torch(
+  name: str,
+  optimizer: str = "Adam",
+  clip: float | None = None,
+  bytes_per_param: int = 36,
+  **options: Any,
+) -> Contender:
+  return Contender(
+    name,
+    torch_optimizer=optimizer,
+    torch_options=options,
+    clip=clip,
+    bytes_per_param=bytes_per_param,
+  )
 
 
-def has_flat_state() -> bool:
-  """Whether the installed ``amsgrad_jax.amsgrad`` takes ``flat_state``."""
-  return "flat_state" in inspect.signature(amsgrad_jax.amsgrad).parameters
+def _clipped_amsgradw(learning_rate: float) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(CLIP_NORM), amsgrad_jax.amsgradw(learning_rate))
 
 
-def contenders() -> list[Contender]:
-  """Every contender available in this installation, in the order they race."""
-  ours = [
-    Contender(
-      name=DEFAULT if convention == "pytorch" else f"amsgrad_jax ({convention})",
-      framework="jax",
-      algorithm="amsgrad",
-      description=f'amsgrad_jax.amsgrad(lr, convention="{convention}")',
-      make_tx=_ours(convention),
-      scaling=convention == "pytorch",
-    )
-    for convention in amsgrad_jax.CONVENTIONS
-  ]
-  if hasattr(amsgrad_jax, "apply_step"):
-    ours.append(
-      Contender(
-        name=APPLY_STEP,
-        framework="jax",
-        algorithm="amsgrad",
-        description="amsgrad_jax.apply_step(amsgrad_jax.amsgrad(lr), grads, state, params)",
-        make_tx=_ours("pytorch"),
-        apply="apply_step",
-      )
-    )
-    if has_flat_state():
-      ours.append(
-        Contender(
-          name=APPLY_STEP_FLAT,
-          framework="jax",
-          algorithm="amsgrad",
-          description="amsgrad_jax.apply_step(amsgrad_jax.amsgrad(lr, flat_state=True), "
-          "grads, state, params)",
-          make_tx=lambda lr: amsgrad_jax.amsgrad(lr, flat_state=True),
-          apply="apply_step",
-        )
-      )
-  optax_contenders = [
-    Contender(OPTAX, "jax", "amsgrad", "optax.amsgrad(lr)", make_tx=optax.amsgrad),
-    Contender("optax.adam", "jax", "adam", "optax.adam(lr)", make_tx=optax.adam),
-  ]
-  torch_contenders = [
-    Contender(
-      name=f"torch {form}",
-      framework="torch",
-      algorithm="amsgrad",
-      description="torch.optim.Adam(params, lr, amsgrad=True, "
-      + ", ".join(f"{key}={value}" for key, value in options.items())
-      + ")",
-      torch_options=options,
-      scaling=form != "single-tensor",
-    )
-    for form, options in (
-      ("fused", {"fused": True}),
-      ("foreach", {"foreach": True}),
-      ("single-tensor", {"foreach": False}),
-    )
-  ]
-  # The comparisons that matter most race next to each other in every round, so that a
-  # change in the machine's load between their processes is least likely.
-  default, *other_rules = [c for c in ours if c.apply == "optax"]
-  native = [c for c in ours if c.apply == "apply_step"]
-  fused, *other_torch = torch_contenders
-  optax_amsgrad, optax_adam = optax_contenders
-  return [default, optax_amsgrad, *native, fused, optax_adam, *other_rules, *other_torch]
+def _bf16_state(learning_rate: float) -> optax.GradientTransformation:
+  return amsgrad_jax.amsgrad(learning_rate, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+
+
+def _flat_state(learning_rate: float) -> optax.GradientTransformation:
+  return amsgrad_jax.amsgrad(learning_rate, flat_state=True)
+
+
+# Pairs that matter most run next to each other, so that a change in the machine's load
+# between their processes is least likely.
+CONTENDERS = [
+  Contender("amsgrad_jax", amsgrad_jax.amsgrad),
+  Contender("optax.amsgrad", optax.amsgrad),
+  Contender("apply_step", amsgrad_jax.amsgrad, native=True),
+  _torch(TORCH_FUSED, fused=True),
+  Contender("apply_step, flat state", _flat_state, native=True),
+  Contender("apply_step, bf16 state", _bf16_state, native=True, bytes_per_param=24),
+  Contender("optax.adam", optax.adam, bytes_per_param=28),
+  _torch("torch foreach", foreach=True),
+  Contender("clip + apply_step (amsgradw)", _clipped_amsgradw, native=True, bytes_per_param=40),
+  _torch("clip + torch fused AdamW", "AdamW", CLIP_NORM, bytes_per_param=40, fused=True),
+]
 
 
 def by_name(name: str) -> Contender:
   """The contender called ``name``."""
-  for contender in contenders():
+  for contender in CONTENDERS:
     if contender.name == name:
       return contender
-  raise KeyError(f"no contender {name!r}; known: {[c.name for c in contenders()]}")
+  raise KeyError(f"no contender {name!r}; known: {[c.name for c in CONTENDERS]}")

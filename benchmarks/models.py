@@ -1,22 +1,14 @@
-"""The models whose parameter trees the benchmarks update.
+"""The small Flax NNX transformer whose parameter shapes make the ``transformer`` case.
 
-* :class:`Transformer`: a small decoder-only Flax NNX transformer (case c). With the
-  full configuration (vocabulary 4096, width 512, 6 blocks) it has 23.1M parameters in
-  100 leaves: embeddings, attention and MLP kernels, biases, layer-norm scales and biases.
-* The MLP of ``examples/mlp_flax.py`` (case d) is loaded from the example itself, so the
-  benchmark times the example's own model and train step.
+With :data:`benchmarks.cases.TRANSFORMER` (vocabulary 4096, width 512, 6 blocks) it has
+23.1M parameters in 100 leaves: embeddings, attention and MLP kernels, biases, layer-norm
+scales and biases.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 import jax
 from flax import nnx
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mlp_flax.py"
 
 
 class Block(nnx.Module):
@@ -55,27 +47,8 @@ class Transformer(nnx.Module):
     return self.unembed(self.norm(x))
 
 
-def abstract_transformer_params(config: dict[str, int]) -> nnx.State:
-  """The parameter tree of :class:`Transformer` with ``jax.ShapeDtypeStruct`` leaves.
-
-  Built with ``nnx.eval_shape``: nothing is allocated or initialised. The benchmarks fill
-  the leaves with random numbers, which is much faster on the CPU than running the
-  initialisers (the update step's speed does not depend on the values).
-  """
+def transformer_shapes(config: dict[str, int]) -> list[list[int]]:
+  """The parameter shapes of :class:`Transformer`, in tree order, found with
+  ``nnx.eval_shape`` (nothing is allocated)."""
   model = nnx.eval_shape(lambda: Transformer(**config, rngs=nnx.Rngs(0)))
-  return nnx.state(model, nnx.Param)
-
-
-def transformer_shapes(config: dict[str, int]) -> tuple[tuple[int, ...], ...]:
-  """The parameter shapes of :class:`Transformer`, in tree order."""
-  return tuple(tuple(leaf.shape) for leaf in jax.tree.leaves(abstract_transformer_params(config)))
-
-
-def mlp_example() -> ModuleType:
-  """``examples/mlp_flax.py`` as a module: its ``MLP``, ``make_train_step`` and sizes."""
-  spec = importlib.util.spec_from_file_location("mlp_flax_example", EXAMPLE)
-  if spec is None or spec.loader is None:
-    raise ImportError(f"cannot load {EXAMPLE}")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return [list(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))]
