@@ -18,9 +18,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.shard_alike import shard_alike
 
-from amsgrad_jax._validation import concrete_float
-
 INT32_MAX = np.iinfo(np.int32).max
+
+
+def concrete_float(value: Any) -> float | None:
+  """``value`` as a Python float, or ``None`` when it is traced or not a scalar."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, bool):
+    return float(value)
+  if isinstance(value, (int, float, np.number)):
+    return float(value)
+  if isinstance(value, (np.ndarray, jax.Array)) and np.shape(value) == ():
+    try:
+      return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+      return None
+  return None
 
 
 def compute_dtype(*dtypes: Any) -> np.dtype:

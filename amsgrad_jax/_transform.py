@@ -10,7 +10,8 @@ import optax
 
 from amsgrad_jax import _numerics, _validation
 from amsgrad_jax._flat import FlatLayout, FlatMoment, flat_zeros
-from amsgrad_jax._rules import RULES, Coefficients, Rule, amsgrad_step
+from amsgrad_jax._options import TransformOptions, built_from
+from amsgrad_jax._rules import Coefficients, Rule, amsgrad_step
 
 
 class ScaleByAmsgradState(NamedTuple):
@@ -46,18 +47,19 @@ class StepScalars(NamedTuple):
   coefficients: Coefficients
 
 
-def step_scalars(hyper: dict[str, Any], rule: Rule, count: jax.Array, dtype: Any) -> StepScalars:
+def step_scalars(options: TransformOptions, count: jax.Array, dtype: Any) -> StepScalars:
   """Cast the hyperparameters to ``dtype`` and derive the rule's coefficients once."""
+  rule = options.rule
   bc1, bc2 = _numerics.bias_corrections(
-    hyper["b1"], hyper["b2"], count, dtype, from_double=rule.bias_correction_from_double
+    options.b1, options.b2, count, dtype, from_double=rule.bias_correction_from_double
   )
   return StepScalars(
-    b1=jnp.asarray(hyper["b1"], dtype),
-    b2=jnp.asarray(hyper["b2"], dtype),
-    one_minus_b1=_numerics.one_minus(hyper["b1"], dtype),
-    one_minus_b2=_numerics.one_minus(hyper["b2"], dtype),
-    eps=jnp.asarray(hyper["eps"], dtype),
-    eps_root=jnp.asarray(hyper["eps_root"], dtype),
+    b1=jnp.asarray(options.b1, dtype),
+    b2=jnp.asarray(options.b2, dtype),
+    one_minus_b1=_numerics.one_minus(options.b1, dtype),
+    one_minus_b2=_numerics.one_minus(options.b2, dtype),
+    eps=jnp.asarray(options.eps, dtype),
+    eps_root=jnp.asarray(options.eps_root, dtype),
     coefficients=rule.coefficients(bc1, bc2),
   )
 
@@ -127,17 +129,8 @@ def _parts(x: jax.Array, dtype: Any) -> list[jax.Array]:
   return [jnp.real(x).astype(dtype), jnp.imag(x).astype(dtype)]
 
 
-def scale_by_amsgrad(
-  b1: float | jax.Array = 0.9,
-  b2: float | jax.Array = 0.999,
-  eps: float | jax.Array = 1e-8,
-  eps_root: float | jax.Array = 0.0,
-  *,
-  convention: str = "pytorch",
-  mu_dtype: Any = None,
-  nu_dtype: Any = None,
-  flat_state: bool = False,
-) -> optax.GradientTransformation:
+@built_from(TransformOptions)
+def scale_by_amsgrad(options: TransformOptions) -> optax.GradientTransformation:
   r"""Rescale updates by AMSGrad, with the update rule of a chosen framework.
 
   With :math:`t` the step count after increment, :math:`c_1 = 1 - \beta_1^t`
@@ -172,20 +165,7 @@ def scale_by_amsgrad(
   :func:`amsgrad`) to get an optimizer.
 
   Args:
-    b1: decay rate of the first moment, in ``[0, 1)``.
-    b2: decay rate of the second moment, in ``[0, 1)``.
-    eps: added to the denominator outside the square root, ``>= 0``.
-    eps_root: added to the running maximum inside the square root, ``>= 0``.
-    convention: ``"pytorch"`` (default), ``"keras"``, ``"optax"`` or ``"paper"``.
-    mu_dtype: storage dtype of ``mu``; ``None`` keeps each parameter's dtype.
-    nu_dtype: storage dtype of ``nu`` and ``nu_max``; ``None`` keeps each
-      parameter's dtype. Arithmetic is always done in at least float32.
-    flat_state: store each moment as one 1-D buffer per parameter dtype
-      (:class:`~amsgrad_jax.FlatMoment`) instead of a tree of one array per leaf. The
-      numbers are identical; a jitted step then takes and returns three state arrays per
-      dtype instead of three per leaf, which matters on CPU for models of hundreds of
-      small leaves (see :func:`~amsgrad_jax.apply_step`). Keep the default for sharded
-      models: a flat buffer cannot follow each parameter's sharding.
+    {args}
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
@@ -208,19 +188,17 @@ def scale_by_amsgrad(
     Reddi, Kale & Kumar, `On the Convergence of Adam and Beyond
     <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
   """
-  rule = RULES[
-    _validation.check_hyperparameters(
-      b1=b1, b2=b2, eps=eps, eps_root=eps_root, convention=convention
-    )
-  ]
-  mu_dtype = _validation.canonical_state_dtype("mu_dtype", mu_dtype)
-  nu_dtype = _validation.canonical_state_dtype("nu_dtype", nu_dtype)
-  _validation.check_flag("flat_state", flat_state)
-  hyper = {"b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root}
+  return transformation(options)
+
+
+def transformation(options: TransformOptions) -> optax.GradientTransformation:
+  """:func:`scale_by_amsgrad` built from a checked record (the aliases pass theirs)."""
+  rule = options.rule
+  mu_dtype, nu_dtype = options.mu_dtype, options.nu_dtype
 
   def init_fn(params: optax.Params) -> ScaleByAmsgradState:
     _validation.check_float_leaves(params, "parameters")
-    if flat_state:
+    if options.flat_state:
       return _flat_init(params, mu_dtype, nu_dtype)
 
     def zeros(dtype: Any) -> optax.Updates:
@@ -239,6 +217,7 @@ def scale_by_amsgrad(
     updates: optax.Updates, state: ScaleByAmsgradState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, ScaleByAmsgradState]:
     del params
+    _validation.check_initialised(state, "scale_by_amsgrad's update")
     flat = isinstance(state.mu, FlatMoment)
     if not flat:
       _validation.check_same_structure(updates, state.mu)
@@ -250,7 +229,7 @@ def scale_by_amsgrad(
 
     def scalars_for(dtype: Any) -> StepScalars:
       if dtype not in cache:
-        cache[dtype] = step_scalars(hyper, rule, count, dtype)
+        cache[dtype] = step_scalars(options, count, dtype)
       return cache[dtype]
 
     grads, treedef = jax.tree.flatten(updates)

@@ -17,22 +17,6 @@ import numpy as np
 from amsgrad_jax._rules import CONVENTIONS, RULES
 
 
-def concrete_float(value: Any) -> float | None:
-  """``value`` as a Python float, or ``None`` when it is traced or not a scalar."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  if isinstance(value, bool):
-    return float(value)
-  if isinstance(value, (int, float, np.number)):
-    return float(value)
-  if isinstance(value, (np.ndarray, jax.Array)) and np.shape(value) == ():
-    try:
-      return float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-      return None
-  return None
-
-
 def concrete_values(name: str, value: Any, accepted: str) -> np.ndarray | None:
   """A numeric hyperparameter as a float64 NumPy array, or ``None`` when it is traced.
 
@@ -130,6 +114,15 @@ def check_weight_decay(weight_decay: Any) -> None:
   if callable(weight_decay):
     return
   check_non_negative("weight_decay", weight_decay)
+
+
+def check_initialised(state: Any, what: str) -> None:
+  """Raise ``ValueError`` when ``state`` is ``None``: an update before ``init``."""
+  if state is None:
+    raise ValueError(
+      f"{what} got opt_state=None: build the state first with state = tx.init(params), "
+      "then pass it to every update."
+    )
 
 
 def check_flag(name: str, value: Any) -> None:

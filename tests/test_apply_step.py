@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import amsgrad_jax
-from amsgrad_jax._native._apply_step import pure_step
+from amsgrad_jax._native._step import pure_step
 
 STEPS = 100
 ULPS = 2
@@ -293,7 +293,7 @@ FALLBACK_SCRIPT = textwrap.dedent(
   """
   import jax, jax.numpy as jnp, numpy as np
   import amsgrad_jax
-  from amsgrad_jax._native._apply_step import pure_step
+  from amsgrad_jax._native._step import pure_step
 
   status = amsgrad_jax.native_status()
   assert not status.active and "AMSGRAD_JAX_DISABLE_NATIVE" in status.reason, status
@@ -500,7 +500,7 @@ def test_vmapped_step_takes_the_optax_path():
 
 def test_large_groups_split_into_calls_of_bounded_size():
   """130 leaves of one dtype: three kernel calls (XLA compiles huge calls slowly)."""
-  from amsgrad_jax._native._apply_step import LEAVES_PER_CALL
+  from amsgrad_jax._native._step import LEAVES_PER_CALL
 
   tx = amsgrad_jax.amsgrad(1e-2)
   params = [jnp.full((3,), float(i)) for i in range(130)]

@@ -8,6 +8,7 @@ a tree of many small leaves passes three state buffers per dtype instead of thre
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -25,7 +26,7 @@ from test_apply_step import DTYPES, SHAPES, STEPS, ULPS, make_tx, native_kernel,
 
 import amsgrad_jax
 from amsgrad_jax import FlatMoment, ScaleByAmsgradState
-from amsgrad_jax._native._apply_step import LEAVES_PER_CALL, pure_step
+from amsgrad_jax._native._step import LEAVES_PER_CALL, pure_step
 
 __all__ = ["native_kernel"]  # the fixture that requires the native step, used here too
 
@@ -155,26 +156,10 @@ CASES = [
 
 def flat_tx_like(mode: str, convention: str) -> optax.GradientTransformation:
   """``make_tx(mode, convention)`` with the flat layout (same hyperparameters)."""
-  spec = make_tx(mode, convention).spec
-  if spec.decoupled:
-    return amsgrad_jax.amsgradw(
-      spec.learning_rate,
-      eps=spec.eps,
-      weight_decay=spec.weight_decay,
-      mask=spec.mask,
-      convention=convention,
-      flat_state=True,
-    )
-  return amsgrad_jax.amsgrad(
-    spec.learning_rate,
-    b1=spec.b1,
-    b2=spec.b2,
-    eps=spec.eps,
-    eps_root=spec.eps_root,
-    weight_decay=spec.weight_decay,
-    convention=convention,
-    flat_state=True,
-  )
+  options = make_tx(mode, convention).options
+  build = amsgrad_jax.amsgradw if options.decoupled else amsgrad_jax.amsgrad
+  fields = {field.name: getattr(options, field.name) for field in dataclasses.fields(options)}
+  return build(**{**fields, "flat_state": True})
 
 
 @pytest.mark.parametrize(("convention", "dtype", "mode"), CASES)
@@ -344,7 +329,7 @@ def test_flat_state_under_a_mesh_and_pmap():
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     import amsgrad_jax
-    from amsgrad_jax._native._apply_step import pure_step
+    from amsgrad_jax._native._step import pure_step
 
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),

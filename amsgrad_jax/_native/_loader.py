@@ -1,4 +1,4 @@
-"""Load the compiled kernel and register it with XLA's FFI for the CPU platform."""
+"""Load the compiled kernel, check its interface and register it with XLA's FFI on CPU."""
 
 from __future__ import annotations
 
@@ -9,37 +9,48 @@ from dataclasses import dataclass
 
 import jax
 
-from amsgrad_jax._native import _build
+from amsgrad_jax._native import _build, _interface
 
-TARGET_NAME = "amsgrad_jax_step"
-FLAT_TARGET_NAME = "amsgrad_jax_step_flat"
 DISABLE_VARIABLE = "AMSGRAD_JAX_DISABLE_NATIVE"
 
 
 @dataclass(frozen=True)
-class Loaded:
-  """Whether the kernel is registered, and why not when it is not."""
+class NativeStatus:
+  """Whether :func:`~amsgrad_jax.apply_step` runs natively, and why not when it does not.
 
-  ok: bool
+  Attributes:
+    active: ``True`` when the step will run natively: the kernel is built and registered,
+      JAX's default backend is the CPU and, when an optimizer was given, the optimizer
+      and its state are ones the kernel steps.
+    reason: a sentence saying why (or why not).
+    library: the compiled kernel's path, when it is loaded.
+  """
+
+  active: bool
   reason: str
   library: str | None = None
 
+  def __bool__(self) -> bool:
+    return self.active
+
 
 @functools.cache
-def load() -> Loaded:
-  """Build (at first use), load and register the kernel; never raises."""
+def load() -> NativeStatus:
+  """Build (at first use), load, check and register the kernel; never raises."""
   if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
-    return Loaded(False, f"disabled by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}")
+    return NativeStatus(False, f"disabled by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}")
   try:
-    path = _build.library_path()
+    path, note = _build.library_path()
     library = ctypes.cdll.LoadLibrary(str(path))
-    for name, handler in (
-      (TARGET_NAME, "AmsgradJaxStep"),
-      (FLAT_TARGET_NAME, "AmsgradJaxStepFlat"),
-    ):
-      jax.ffi.register_ffi_target(
-        name, jax.ffi.pycapsule(getattr(library, handler)), platform="cpu"
-      )
-  except (_build.BuildError, OSError, AttributeError, ValueError) as error:
-    return Loaded(False, f"the native kernel could not be built or loaded: {error}")
-  return Loaded(True, "the native kernel is built and registered", str(path))
+    describe = getattr(library, _interface.DESCRIBE_SYMBOL)
+    describe.restype = ctypes.c_char_p
+    _interface.check(describe().decode())
+    for target, handler in _interface.HANDLERS.items():
+      capsule = jax.ffi.pycapsule(getattr(library, handler))
+      jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+  except (_build.BuildError, _interface.InterfaceMismatch) as error:
+    return NativeStatus(False, f"the native kernel is not used: {error}")
+  except (OSError, AttributeError, ValueError) as error:
+    return NativeStatus(False, f"the native kernel could not be loaded: {error}")
+  reason = "the native kernel is built and registered" + (f" ({note})" if note else "")
+  return NativeStatus(True, reason, str(path))

@@ -2,8 +2,8 @@
 
 The step is elementwise, so a shard of each parameter, its gradient and its three state
 buffers is all one device needs. ``custom_partitioning`` tells XLA's partitioner so:
-every leaf's five operands and four results take the parameter's sharding, the 11 step
-scalars are replicated, and each device runs the kernel on its own shards. On one device
+every leaf's operands and results take the parameter's sharding, the step's scalars are
+replicated, and each device runs the kernel on its own shards. On one device
 (and per device under ``pmap``) ``custom_partitioning`` simply calls the kernel.
 """
 
@@ -20,13 +20,16 @@ from jax.experimental.custom_partitioning import (
 )
 from jax.sharding import NamedSharding, PartitionSpec
 
-Kernel = Callable[[jax.Array, list[tuple[jax.Array, ...]], int], list[tuple[jax.Array, ...]]]
-OPERANDS_PER_LEAF = 5  # params, grads, mu, nu, nu_max
-RESULTS_PER_LEAF = 4  # params, mu, nu, nu_max
+from amsgrad_jax._native._interface import TREE_OPERANDS, TREE_RESULTS, Decay
+
+Kernel = Callable[[jax.Array, list[tuple[jax.Array, ...]], Decay], list[tuple[jax.Array, ...]]]
+OPERANDS_PER_LEAF = len(TREE_OPERANDS)
+RESULTS_PER_LEAF = len(TREE_RESULTS)
+PARAMS = TREE_OPERANDS.index("params")
 
 
 def per_shard(
-  kernel: Kernel, scalars: jax.Array, leaves: list[tuple[jax.Array, ...]], decay: int
+  kernel: Kernel, scalars: jax.Array, leaves: list[tuple[jax.Array, ...]], decay: Decay
 ) -> list[tuple[jax.Array, ...]]:
   """``kernel(scalars, leaves, decay)``, run on every shard of every leaf."""
   if jax.device_count() == 1:
@@ -59,7 +62,7 @@ def _sharding_rule(ranks: list[int]) -> SdyShardingRule:
   return SdyShardingRule(operands, results, need_replication_factors=("scalars",))
 
 
-def _sharded_kernel(kernel: Kernel, ranks: list[int], decay: int) -> Any:
+def _sharded_kernel(kernel: Kernel, ranks: list[int], decay: Decay) -> Any:
   def run(scalars: jax.Array, *flat: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(x for leaf in kernel(scalars, _regroup(flat), decay) for x in leaf)
 
@@ -68,7 +71,7 @@ def _sharded_kernel(kernel: Kernel, ranks: list[int], decay: int) -> Any:
   def param_shardings(mesh: Any, arg_shapes: Sequence[Any]) -> list[Any]:
     shardings = []
     for leaf in range(len(ranks)):
-      sharding = arg_shapes[1 + OPERANDS_PER_LEAF * leaf].sharding
+      sharding = arg_shapes[1 + OPERANDS_PER_LEAF * leaf + PARAMS].sharding
       if not isinstance(sharding, NamedSharding):
         sharding = NamedSharding(mesh, PartitionSpec())
       shardings.append(sharding)

@@ -1,14 +1,16 @@
 // One AMSGrad training step for every leaf of one dtype group, in place, in one pass.
 //
-// Registered with XLA's FFI for the CPU platform as "amsgrad_jax_step" (state as one buffer
-// per leaf) and "amsgrad_jax_step_flat" (state as one buffer per dtype group, each leaf at
-// an offset: the flat_state layout; operands below are reordered accordingly). Operands:
-//   scalars   11 numbers in the compute dtype C (float32 or float64), computed in JAX:
-//             b1, b2, 1-b1, 1-b2, eps, eps_root, a, b, d, -lr, weight_decay
-//             (-lr and weight_decay already rounded to the parameter dtype P);
-//   per leaf  params, grads, mu, nu, nu_max.
-// Results, per leaf: params, mu, nu, nu_max, aliased to the operands (input_output_aliases).
-// Attribute `decay`: 0 none, 1 coupled (g += wd p before the moments), 2 decoupled
+// The interface (targets, operand and result order, the step's scalars, the decay codes)
+// is defined in amsgrad_jax/_native/_interface.py and reaches this file as the generated
+// header "amsgrad_interface.h"; every index below is one of its names, and
+// AmsgradJaxInterface() reports the interface this library was built with so that the
+// loader refuses a mismatch. In short: "amsgrad_jax_step" takes the scalars and, per leaf,
+// params, grads, mu, nu, nu_max, and returns per leaf params, mu, nu, nu_max, aliased to
+// the operands; "amsgrad_jax_step_flat" (the flat_state layout) takes the scalars, the
+// group's mu, nu and nu_max buffers and, per leaf, params and grads at an offset.
+// The scalars are in the compute dtype C (float32 or float64), computed in JAX by the
+// functions the Optax path uses; -lr and weight_decay are already rounded to the parameter
+// dtype P. Attribute `decay`: none, coupled (g += wd p before the moments) or decoupled
 // (u += wd p after the step, as optax.add_decayed_weights after scale_by_amsgrad).
 //
 // Per element, in C, with the rule's coefficients a, b, d (amsgrad_jax/_rules.py):
@@ -30,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "amsgrad_interface.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -37,8 +40,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 using bf16 = uint16_t;  // bfloat16 storage: the high half of a float32
-
-constexpr int kNumScalars = 11;
 
 // ---- conversions -----------------------------------------------------------------------
 
@@ -126,8 +127,6 @@ inline C MulAdd(C x, C y, C z) {
 
 // ---- the step --------------------------------------------------------------------------
 
-enum Decay : int64_t { kNoDecay = 0, kCoupled = 1, kDecoupled = 2 };
-
 template <typename P, typename M, typename N, typename C, int64_t kDecay>
 void StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_raw,
                void* nu_max_raw, size_t begin, size_t end, const void* scalars_raw) {
@@ -137,13 +136,15 @@ void StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_r
   N* __restrict__ nu = static_cast<N*>(nu_raw);
   N* __restrict__ nu_max = static_cast<N*>(nu_max_raw);
   const C* s = static_cast<const C*>(scalars_raw);
-  const C b1 = s[0], b2 = s[1], one_minus_b1 = s[2], one_minus_b2 = s[3];
-  const C eps = s[4], eps_root = s[5], a = s[6], b = s[7], d = s[8];
-  const C neg_lr = s[9], weight_decay = s[10];
+  const C b1 = s[kScalarB1], b2 = s[kScalarB2];
+  const C one_minus_b1 = s[kScalarOneMinusB1], one_minus_b2 = s[kScalarOneMinusB2];
+  const C eps = s[kScalarEps], eps_root = s[kScalarEpsRoot];
+  const C a = s[kScalarNuScale], b = s[kScalarMuScale], d = s[kScalarRootScale];
+  const C neg_lr = s[kScalarNegLr], weight_decay = s[kScalarWeightDecay];
   for (size_t i = begin; i < end; ++i) {
     const C p = Load<C>(params[i]);
     C g = Load<C>(grads[i]);
-    if constexpr (kDecay == kCoupled) {
+    if constexpr (kDecay == kDecayCoupled) {
       // XLA keeps this sum in the compute dtype (its convert pair to P and back is removed
       // as excess precision), so only the product is rounded to P.
       if constexpr (std::is_same_v<P, C>) {
@@ -159,7 +160,7 @@ void StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_r
     const C v_max = ((previous != previous) | (previous > scaled)) ? previous : scaled;  // NaN wins
     const C denominator = std::fma(d, std::sqrt(v_max + eps_root), eps);
     C u = Through<P>((b * m) / denominator);
-    if constexpr (kDecay == kDecoupled) u = MulAdd<P>(weight_decay, p, u);
+    if constexpr (kDecay == kDecayDecoupled) u = MulAdd<P>(weight_decay, p, u);
     params[i] = Nearest<P>(MulAdd<P>(neg_lr, u, p));
     mu[i] = Nearest<M>(m);
     nu[i] = Nearest<N>(v);
@@ -172,9 +173,9 @@ using StepFn = void (*)(void*, const void*, void*, void*, void*, size_t, size_t,
 template <typename P, typename M, typename N, typename C>
 StepFn ForDecay(int64_t decay) {
   switch (decay) {
-    case kNoDecay: return &StepRange<P, M, N, C, kNoDecay>;
-    case kCoupled: return &StepRange<P, M, N, C, kCoupled>;
-    case kDecoupled: return &StepRange<P, M, N, C, kDecoupled>;
+    case kDecayNone: return &StepRange<P, M, N, C, kDecayNone>;
+    case kDecayCoupled: return &StepRange<P, M, N, C, kDecayCoupled>;
+    case kDecayDecoupled: return &StepRange<P, M, N, C, kDecayDecoupled>;
     default: return nullptr;
   }
 }
@@ -304,7 +305,7 @@ ffi::ErrorOr<std::shared_ptr<Work>> NewWork(ffi::AnyBuffer scalars) {
   auto work = std::make_shared<Work>();
   const size_t scalar_bytes = scalars.size_bytes();
   if (scalars.element_count() != kNumScalars || scalar_bytes > sizeof work->scalars) {
-    return ffi::Unexpected(ffi::Error::InvalidArgument("amsgrad_jax_step: expected 11 scalars"));
+    return ffi::Unexpected(ffi::Error::InvalidArgument("amsgrad_jax_step: wrong number of scalars"));
   }
   std::memcpy(work->scalars, scalars.untyped_data(), scalar_bytes);
   return work;
@@ -317,97 +318,116 @@ bool AcceptStep(Work& work, size_t leaf, StepFn step) {
   return step == work.step;
 }
 
-// Tree layout. Operands: scalars, then per leaf params, grads, mu, nu, nu_max.
-// Results: per leaf params, mu, nu, nu_max.
+// A leaf's operand `k` of `per_leaf`, or its result.
+ffi::AnyBuffer Operand(ffi::RemainingArgs& args, size_t leaf, int per_leaf, int k) {
+  return *args.get<ffi::AnyBuffer>(leaf * per_leaf + k);
+}
+ffi::AnyBuffer Result(ffi::RemainingRets& rets, size_t first, size_t leaf, int per_leaf, int k) {
+  return **rets.get<ffi::AnyBuffer>(first + leaf * per_leaf + k);
+}
+
+// State as one buffer per leaf: TreeOperandIndex and TreeResultIndex give the order.
 ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scalars,
                        ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  if (args.size() % 5 != 0 || rets.size() * 5 != args.size() * 4) {
-    return ffi::Error::InvalidArgument("amsgrad_jax_step: expected 5 operands and 4 results a leaf");
+  if (args.size() % kTreeOperandsPerLeaf != 0 ||
+      rets.size() * kTreeOperandsPerLeaf != args.size() * kTreeResultsPerLeaf) {
+    return ffi::Error::InvalidArgument("amsgrad_jax_step: wrong number of operands or results");
   }
   auto made = NewWork(scalars);
   if (made.has_error()) return made.error();
   std::shared_ptr<Work> work = *made;
-  const size_t num_leaves = args.size() / 5;
+  const size_t num_leaves = args.size() / kTreeOperandsPerLeaf;
   work->leaves.reserve(num_leaves);
   std::vector<size_t> sizes;
   sizes.reserve(num_leaves);
+  // Each result and the operand it updates (aliased to it).
+  const std::pair<int, int> updated[kTreeResultsPerLeaf] = {
+      {kTreeResultParams, kTreeOperandParams}, {kTreeResultMu, kTreeOperandMu},
+      {kTreeResultNu, kTreeOperandNu}, {kTreeResultNuMax, kTreeOperandNuMax}};
   for (size_t i = 0; i < num_leaves; ++i) {
-    ffi::AnyBuffer in[5] = {*args.get<ffi::AnyBuffer>(5 * i), *args.get<ffi::AnyBuffer>(5 * i + 1),
-                            *args.get<ffi::AnyBuffer>(5 * i + 2),
-                            *args.get<ffi::AnyBuffer>(5 * i + 3),
-                            *args.get<ffi::AnyBuffer>(5 * i + 4)};
-    ffi::AnyBuffer out[4] = {**rets.get<ffi::AnyBuffer>(4 * i), **rets.get<ffi::AnyBuffer>(4 * i + 1),
-                             **rets.get<ffi::AnyBuffer>(4 * i + 2),
-                             **rets.get<ffi::AnyBuffer>(4 * i + 3)};
-    const size_t n = in[0].element_count();
-    if (in[1].element_type() != in[0].element_type() ||
-        in[4].element_type() != in[3].element_type() || in[1].element_count() != n ||
-        in[2].element_count() != n || in[3].element_count() != n || in[4].element_count() != n) {
+    auto in = [&](int k) { return Operand(args, i, kTreeOperandsPerLeaf, k); };
+    auto out = [&](int k) { return Result(rets, 0, i, kTreeResultsPerLeaf, k); };
+    const ffi::AnyBuffer params = in(kTreeOperandParams);
+    const size_t n = params.element_count();
+    bool shapes_match = true;
+    for (int k = 0; k < kTreeOperandsPerLeaf; ++k) shapes_match &= in(k).element_count() == n;
+    if (!shapes_match || in(kTreeOperandGrads).element_type() != params.element_type() ||
+        in(kTreeOperandNuMax).element_type() != in(kTreeOperandNu).element_type()) {
       return ffi::Error::InvalidArgument("amsgrad_jax_step: unsupported dtypes or shapes");
     }
-    if (!AcceptStep(*work, i, SelectStep(in[0].element_type(), in[2].element_type(),
-                                         in[3].element_type(), decay))) {
+    StepFn step = SelectStep(params.element_type(), in(kTreeOperandMu).element_type(),
+                             in(kTreeOperandNu).element_type(), decay);
+    if (!AcceptStep(*work, i, step)) {
       return ffi::Error::InvalidArgument("amsgrad_jax_step: one call takes one dtype group");
     }
     // In place when XLA honoured the aliases; otherwise start from a copy of the operand.
-    const int updated[4] = {0, 2, 3, 4};
-    for (int k = 0; k < 4; ++k) StartFrom(in[updated[k]], out[k]);
-    work->leaves.push_back({out[0].untyped_data(), in[1].untyped_data(), out[1].untyped_data(),
-                            out[2].untyped_data(), out[3].untyped_data()});
+    for (const auto& [result, operand] : updated) StartFrom(in(operand), out(result));
+    work->leaves.push_back({out(kTreeResultParams).untyped_data(),
+                            in(kTreeOperandGrads).untyped_data(), out(kTreeResultMu).untyped_data(),
+                            out(kTreeResultNu).untyped_data(), out(kTreeResultNuMax).untyped_data()});
     sizes.push_back(n);
   }
   return RunOnPool(pool, work, sizes);
 }
 
-// Flat layout. Operands: scalars, the group's mu, nu and nu_max buffers, then per leaf
-// params and grads. Results: mu, nu, nu_max, then per leaf params. Attribute `offsets`:
-// each leaf's first element in the three buffers.
+// Flat layout: the group's FlatStateIndex buffers, then per leaf FlatLeafOperandIndex;
+// results: the state buffers, then per leaf FlatLeafResultIndex. Attribute `offsets`: each
+// leaf's first element in the state buffers.
 ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, ffi::Span<const int64_t> offsets,
-                           ffi::AnyBuffer scalars, ffi::AnyBuffer mu, ffi::AnyBuffer nu,
-                           ffi::AnyBuffer nu_max, ffi::RemainingArgs args,
+                           ffi::AnyBuffer scalars, ffi::RemainingArgs args,
                            ffi::RemainingRets rets) {
-  if (rets.size() < 3 || args.size() != 2 * (rets.size() - 3) || offsets.size() * 2 != args.size()) {
+  const size_t num_leaves = offsets.size();
+  if (args.size() != kFlatStateBuffers + kFlatOperandsPerLeaf * num_leaves ||
+      rets.size() != kFlatStateBuffers + kFlatResultsPerLeaf * num_leaves) {
     return ffi::Error::InvalidArgument(
-        "amsgrad_jax_step_flat: expected 2 operands and 1 result a leaf, and one offset a leaf");
+        "amsgrad_jax_step_flat: wrong number of operands, results or offsets");
   }
   auto made = NewWork(scalars);
   if (made.has_error()) return made.error();
   std::shared_ptr<Work> work = *made;
-  ffi::AnyBuffer state_in[3] = {mu, nu, nu_max};
-  ffi::AnyBuffer state_out[3] = {**rets.get<ffi::AnyBuffer>(0), **rets.get<ffi::AnyBuffer>(1),
-                                 **rets.get<ffi::AnyBuffer>(2)};
+  auto state_in = [&](int k) { return *args.get<ffi::AnyBuffer>(k); };
+  auto state_out = [&](int k) { return **rets.get<ffi::AnyBuffer>(k); };
+  const ffi::AnyBuffer mu = state_in(kFlatStateMu);
+  const ffi::AnyBuffer nu = state_in(kFlatStateNu);
+  const ffi::AnyBuffer nu_max = state_in(kFlatStateNuMax);
   const size_t state_size = mu.element_count();
   if (nu.element_count() != state_size || nu_max.element_count() != state_size ||
       nu_max.element_type() != nu.element_type()) {
     return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: mismatched state buffers");
   }
-  for (int k = 0; k < 3; ++k) StartFrom(state_in[k], state_out[k]);
-  const size_t width[3] = {ffi::ByteWidth(mu.element_type()), ffi::ByteWidth(nu.element_type()),
-                           ffi::ByteWidth(nu_max.element_type())};
-  const size_t num_leaves = offsets.size();
+  void* state_data[kFlatStateBuffers];
+  size_t width[kFlatStateBuffers];
+  for (int k = 0; k < kFlatStateBuffers; ++k) {
+    StartFrom(state_in(k), state_out(k));
+    state_data[k] = state_out(k).untyped_data();
+    width[k] = ffi::ByteWidth(state_in(k).element_type());
+  }
   work->leaves.reserve(num_leaves);
   std::vector<size_t> sizes;
   sizes.reserve(num_leaves);
   for (size_t i = 0; i < num_leaves; ++i) {
-    ffi::AnyBuffer params = *args.get<ffi::AnyBuffer>(2 * i);
-    ffi::AnyBuffer grads = *args.get<ffi::AnyBuffer>(2 * i + 1);
-    ffi::AnyBuffer params_out = **rets.get<ffi::AnyBuffer>(3 + i);
+    const size_t first = kFlatStateBuffers + i * kFlatOperandsPerLeaf;
+    ffi::AnyBuffer params = *args.get<ffi::AnyBuffer>(first + kFlatLeafOperandParams);
+    ffi::AnyBuffer grads = *args.get<ffi::AnyBuffer>(first + kFlatLeafOperandGrads);
+    ffi::AnyBuffer params_out =
+        Result(rets, kFlatStateBuffers, i, kFlatResultsPerLeaf, kFlatLeafResultParams);
     const size_t n = params.element_count();
     const int64_t offset = offsets[i];
     if (grads.element_type() != params.element_type() || grads.element_count() != n ||
         offset < 0 || static_cast<size_t>(offset) + n > state_size) {
       return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: unsupported dtypes or shapes");
     }
-    if (!AcceptStep(*work, i, SelectStep(params.element_type(), mu.element_type(),
-                                         nu.element_type(), decay))) {
+    StepFn step = SelectStep(params.element_type(), mu.element_type(), nu.element_type(), decay);
+    if (!AcceptStep(*work, i, step)) {
       return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: one call takes one dtype group");
     }
     StartFrom(params, params_out);
     auto at = [&](int k) {
-      return static_cast<void*>(static_cast<unsigned char*>(state_out[k].untyped_data()) +
+      return static_cast<void*>(static_cast<unsigned char*>(state_data[k]) +
                                 width[k] * static_cast<size_t>(offset));
     };
-    work->leaves.push_back({params_out.untyped_data(), grads.untyped_data(), at(0), at(1), at(2)});
+    work->leaves.push_back({params_out.untyped_data(), grads.untyped_data(), at(kFlatStateMu),
+                            at(kFlatStateNu), at(kFlatStateNuMax)});
     sizes.push_back(n);
   }
   return RunOnPool(pool, work, sizes);
@@ -429,8 +449,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlat, AmsgradStepFlat,
                                   .Attr<int64_t>("decay")
                                   .Attr<ffi::Span<const int64_t>>("offsets")
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
                                   .RemainingRets());
+
+// The interface this library was built with, for the loader to check.
+extern "C" __attribute__((visibility("default"))) const char* AmsgradJaxInterface() {
+  return kInterface;
+}

@@ -1,0 +1,180 @@
+"""The kernel's interface, defined once: targets, operand layout, scalars and decay codes.
+
+``amsgrad_step.cc`` includes a header generated from this module (:func:`header`), so the
+C++ names every operand, scalar and code through the constants written here. The built
+kernel also reports the interface it was compiled with (``AmsgradJaxInterface``), and
+:func:`check` compares that with :func:`description` when the library is loaded: a kernel
+built from another version is refused with the difference named, never called with
+operands in an order it does not expect.
+
+Two FFI targets, one per state layout:
+
+* ``amsgrad_jax_step`` (state as one array per leaf): operands ``scalars``, then
+  :data:`TREE_OPERANDS` for every leaf; results :data:`TREE_RESULTS` for every leaf, each
+  aliased to the operand of the same name.
+* ``amsgrad_jax_step_flat`` (``flat_state=True``): operands ``scalars``, the group's
+  :data:`FLAT_STATE` buffers, then :data:`FLAT_LEAF_OPERANDS` for every leaf; results the
+  :data:`FLAT_STATE` buffers, then :data:`FLAT_LEAF_RESULTS` for every leaf.
+
+Both take the attribute ``decay`` (a :class:`Decay`); the flat one also ``offsets``, each
+leaf's first element in the state buffers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+TREE_TARGET = "amsgrad_jax_step"
+FLAT_TARGET = "amsgrad_jax_step_flat"
+# The exported symbol of each target's handler.
+HANDLERS = {TREE_TARGET: "AmsgradJaxStep", FLAT_TARGET: "AmsgradJaxStepFlat"}
+DESCRIBE_SYMBOL = "AmsgradJaxInterface"
+
+# The step's scalars, in order, in the compute dtype (see the kernel's header comment).
+SCALARS = (
+  "b1",
+  "b2",
+  "one_minus_b1",
+  "one_minus_b2",
+  "eps",
+  "eps_root",
+  "nu_scale",  # the rule's a
+  "mu_scale",  # the rule's b
+  "root_scale",  # the rule's d
+  "neg_lr",  # -learning rate, rounded to the parameter dtype
+  "weight_decay",  # rounded to the parameter dtype
+)
+
+TREE_OPERANDS = ("params", "grads", "mu", "nu", "nu_max")
+TREE_RESULTS = ("params", "mu", "nu", "nu_max")
+FLAT_STATE = ("mu", "nu", "nu_max")
+FLAT_LEAF_OPERANDS = ("params", "grads")
+FLAT_LEAF_RESULTS = ("params",)
+
+
+class Decay(enum.IntEnum):
+  """How weight decay enters the step of a leaf."""
+
+  NONE = 0
+  COUPLED = 1  # g + wd * p, before the moments (amsgrad)
+  DECOUPLED = 2  # u + wd * p, after the step (amsgradw)
+
+
+def description() -> str:
+  """The interface as one line of text; the kernel reports the same line."""
+  parts = {
+    "scalars": SCALARS,
+    "tree_operands": TREE_OPERANDS,
+    "tree_results": TREE_RESULTS,
+    "flat_state": FLAT_STATE,
+    "flat_leaf_operands": FLAT_LEAF_OPERANDS,
+    "flat_leaf_results": FLAT_LEAF_RESULTS,
+    "decay": tuple(f"{code.name.lower()}={code.value}" for code in Decay),
+  }
+  return ";".join(f"{key}={','.join(values)}" for key, values in parts.items())
+
+
+def header() -> str:
+  """The C++ header ``amsgrad_step.cc`` is compiled with."""
+
+  def indices(prefix: str, names: Sequence[str], count: str) -> list[str]:
+    pairs = [f"  k{prefix}{_camel(name)} = {i}," for i, name in enumerate(names)]
+    return [f"enum {prefix}Index : int {{", *pairs, f"  {count} = {len(names)},", "};"]
+
+  lines = [
+    "// Generated from amsgrad_jax/_native/_interface.py at build time: do not edit.",
+    "#pragma once",
+    "#include <cstdint>",
+    *indices("Scalar", SCALARS, "kNumScalars"),
+    *indices("TreeOperand", TREE_OPERANDS, "kTreeOperandsPerLeaf"),
+    *indices("TreeResult", TREE_RESULTS, "kTreeResultsPerLeaf"),
+    *indices("FlatState", FLAT_STATE, "kFlatStateBuffers"),
+    *indices("FlatLeafOperand", FLAT_LEAF_OPERANDS, "kFlatOperandsPerLeaf"),
+    *indices("FlatLeafResult", FLAT_LEAF_RESULTS, "kFlatResultsPerLeaf"),
+    "enum Decay : int64_t {",
+    *(f"  kDecay{_camel(code.name.lower())} = {code.value}," for code in Decay),
+    "};",
+    f'inline constexpr char kInterface[] = "{description()}";',
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def _camel(name: str) -> str:
+  return "".join(part.capitalize() for part in name.split("_"))
+
+
+class InterfaceMismatch(RuntimeError):
+  """The built kernel was compiled against another interface."""
+
+
+def check(reported: str) -> None:
+  """Raise :class:`InterfaceMismatch` naming each part where ``reported`` differs."""
+  expected = description()
+  if reported == expected:
+    return
+  ours = dict(part.split("=", 1) for part in expected.split(";"))
+  theirs = dict(part.split("=", 1) for part in reported.split(";") if "=" in part)
+  differences = [
+    f"{key}: kernel has {theirs.get(key, '(nothing)')!r}, Python expects {ours.get(key)!r}"
+    for key in sorted(set(ours) | set(theirs))
+    if ours.get(key) != theirs.get(key)
+  ]
+  raise InterfaceMismatch("the kernel's interface differs: " + "; ".join(differences))
+
+
+# ---- the two calls, as JAX sees them ------------------------------------------------------
+
+
+def tree_call(scalars: jax.Array, leaves: list[tuple[jax.Array, ...]], decay: Decay) -> list[tuple]:
+  """One call over ``leaves``, each its :data:`TREE_OPERANDS`; returns each leaf's
+  :data:`TREE_RESULTS`, aliased to the operands of the same names."""
+  per_in, per_out = len(TREE_OPERANDS), len(TREE_RESULTS)
+  operands = [x for leaf in leaves for x in leaf]
+  result_shapes = [
+    jax.ShapeDtypeStruct(
+      leaf[TREE_OPERANDS.index(name)].shape, leaf[TREE_OPERANDS.index(name)].dtype
+    )
+    for leaf in leaves
+    for name in TREE_RESULTS
+  ]
+  aliases = {
+    1 + per_in * i + TREE_OPERANDS.index(name): per_out * i + k
+    for i in range(len(leaves))
+    for k, name in enumerate(TREE_RESULTS)
+  }
+  call = jax.ffi.ffi_call(
+    TREE_TARGET, result_shapes, input_output_aliases=aliases, vmap_method="sequential"
+  )
+  flat = call(scalars, *operands, decay=np.int64(decay))
+  return [tuple(flat[per_out * i : per_out * (i + 1)]) for i in range(len(leaves))]
+
+
+def flat_call(
+  scalars: jax.Array,
+  state: tuple[jax.Array, ...],
+  leaves: list[tuple[jax.Array, ...]],
+  offsets: list[int],
+  decay: Decay,
+) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
+  """One call over some leaves of a dtype group in the flat layout: ``state`` holds the
+  group's :data:`FLAT_STATE` buffers, each leaf its :data:`FLAT_LEAF_OPERANDS`. Returns
+  the new state buffers and each leaf's new parameters, all aliased to their operands."""
+  num_state, per_in = len(FLAT_STATE), len(FLAT_LEAF_OPERANDS)
+  params_at = FLAT_LEAF_OPERANDS.index("params")
+  operands = [*state, *(x for leaf in leaves for x in leaf)]
+  result_shapes: list[Any] = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state]
+  result_shapes += [
+    jax.ShapeDtypeStruct(leaf[params_at].shape, leaf[params_at].dtype) for leaf in leaves
+  ]
+  aliases = {1 + k: k for k in range(num_state)}
+  aliases |= {1 + num_state + per_in * i + params_at: num_state + i for i in range(len(leaves))}
+  call = jax.ffi.ffi_call(
+    FLAT_TARGET, result_shapes, input_output_aliases=aliases, vmap_method="sequential"
+  )
+  flat = call(scalars, *operands, decay=np.int64(decay), offsets=np.asarray(offsets, np.int64))
+  return tuple(flat[:num_state]), list(flat[num_state:])
