@@ -66,7 +66,7 @@ def _gradients_checked(decay: optax.GradientTransformation) -> optax.GradientTra
 
 
 @built_from(AmsgradOptions)
-def amsgrad(options: AmsgradOptions) -> AliasTransformation:
+def amsgrad(options: AmsgradOptions) -> optax.GradientTransformationExtraArgs:
   r"""AMSGrad, with optional coupled (L2) weight decay.
 
   The step is :math:`\theta_t = \theta_{t-1} - \eta_t u_t`, with :math:`u_t`
@@ -110,7 +110,7 @@ def amsgrad(options: AmsgradOptions) -> AliasTransformation:
 
 
 @built_from(AmsgradwOptions)
-def amsgradw(options: AmsgradwOptions) -> AliasTransformation:
+def amsgradw(options: AmsgradwOptions) -> optax.GradientTransformationExtraArgs:
   r"""AMSGrad with decoupled weight decay, as ``torch.optim.AdamW(amsgrad=True)``.
 
   .. math::

@@ -81,6 +81,7 @@ class FlatLayout:
     from ``Variable`` nodes and later passes their bare values.
     """
     leaves, treedef = jax.tree.flatten(tree)
+    treedef = _opaque(treedef)
     if len(leaves) != len(self.shapes):
       return False
     if treedef != self.treedef:
@@ -132,3 +133,8 @@ def flat_zeros(layout: FlatLayout, dtype_of: dict[str, np.dtype]) -> FlatMoment:
   """Zeros in every group, group ``g`` stored in ``dtype_of[g]``."""
   buffers = {group: jnp.zeros((size,), dtype_of[group]) for group, size in layout.sizes().items()}
   return FlatMoment(buffers, layout)
+
+
+def _opaque(treedef: Any) -> Any:
+  """A tree definition, typed as ``Any``: jaxlib ships ``PyTreeDef`` without stubs."""
+  return treedef

@@ -18,7 +18,7 @@ import inspect
 import textwrap
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import jax
 import optax
@@ -102,9 +102,13 @@ class AliasOptions(TransformOptions, _LearningRate):
   """What :func:`~amsgrad_jax.amsgrad` and :func:`~amsgrad_jax.amsgradw` share: the
   transformation's options, a learning rate and a weight decay."""
 
-  decoupled: ClassVar[bool]
-  if TYPE_CHECKING:  # fields of the subclasses, which place them differently
-    weight_decay: float | jax.Array
+  decoupled: ClassVar[bool] = False
+  _: KW_ONLY
+  weight_decay: float | jax.Array = option(
+    0.0,
+    doc=r"coupled L2 coefficient :math:`\lambda \ge 0`, added to the gradient before the "
+    "moments.",
+  )
 
   def __post_init__(self) -> None:
     _validation.check_learning_rate(self.learning_rate)
@@ -120,20 +124,13 @@ class AliasOptions(TransformOptions, _LearningRate):
 
 @dataclass(frozen=True)
 class AmsgradOptions(AliasOptions):
-  """The options of :func:`~amsgrad_jax.amsgrad`: coupled (L2) weight decay."""
-
-  decoupled: ClassVar[bool] = False
-  _: KW_ONLY
-  weight_decay: float | jax.Array = option(
-    0.0,
-    doc=r"coupled L2 coefficient :math:`\lambda \ge 0`, added to the gradient before the "
-    "moments.",
-  )
+  """The options of :func:`~amsgrad_jax.amsgrad`: coupled (L2) weight decay, keyword-only."""
 
 
 @dataclass(frozen=True)
 class AmsgradwOptions(AliasOptions):
-  """The options of :func:`~amsgrad_jax.amsgradw`: decoupled weight decay with a mask."""
+  """The options of :func:`~amsgrad_jax.amsgradw`: decoupled weight decay, given by
+  position after ``eps_root`` (as in ``optax.adamw``), with a mask."""
 
   decoupled: ClassVar[bool] = True
   weight_decay: float | jax.Array = option(

@@ -29,7 +29,7 @@ class ScaleByAmsgradState(NamedTuple):
   shaped like the parameters.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax's states do
   mu: optax.Updates
   nu: optax.Updates
   nu_max: optax.Updates
@@ -109,7 +109,8 @@ def leaf_update(
       ]
       updates = [update for (update,), *_ in pairs]
       mus = [mu_i for _, (mu_i,), *_ in pairs]
-      nu_c, nu_max_c = (jax.lax.complex(*[pair[i] for pair in pairs]) for i in (2, 3))
+      (_, _, nu_re, nu_max_re), (_, _, nu_im, nu_max_im) = pairs
+      nu_c, nu_max_c = jax.lax.complex(nu_re, nu_im), jax.lax.complex(nu_max_re, nu_max_im)
     else:
       updates, mus, nu_r, nu_max_r = _moments_and_step(
         gs, mus, nu.real.astype(dtype), nu_max.real.astype(dtype), s
@@ -237,14 +238,17 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
     grads = [jnp.asarray(g) for g in grads]
     moments = (state.mu, state.nu, state.nu_max)
     buffers = (m.leaves() if flat else jax.tree.leaves(m) for m in moments)
-    results = [leaf_update(*leaf, rule, scalars_for) for leaf in zip(grads, *buffers, strict=True)]
+    results = [
+      leaf_update(g, mu, nu, nu_max, rule, scalars_for)
+      for g, mu, nu, nu_max in zip(grads, *buffers, strict=True)
+    ]
     columns = [[result[i] for result in results] for i in range(4)]
     if flat:
       mu, nu, nu_max = (FlatMoment.pack(state.mu.layout, column) for column in columns[1:])
     else:
-      mu, nu, nu_max = (treedef.unflatten(column) for column in columns[1:])
+      mu, nu, nu_max = (jax.tree.unflatten(treedef, column) for column in columns[1:])
     new_state = ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
-    return treedef.unflatten(columns[0]), new_state
+    return jax.tree.unflatten(treedef, columns[0]), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -176,8 +176,8 @@ def check_same_structure(
   ``against`` names what ``state_like`` is in the message: the optimizer state, or the
   parameters (for a weight decay that maps over gradients and parameters together).
   """
-  updates_def = jax.tree.structure(updates)
-  state_def = jax.tree.structure(state_like)
+  updates_def: Any = jax.tree.structure(updates)
+  state_def: Any = jax.tree.structure(state_like)
   if updates_def == state_def:
     _check_same_shapes(updates, state_like, against)
     return

@@ -5,11 +5,15 @@ The environment must be set before jax is imported anywhere in the process.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# Appended to whatever XLA_FLAGS the caller set; a device count given there is respected.
+_flags = os.environ.get("XLA_FLAGS", "")
+if DEVICE_COUNT_FLAG not in _flags:
+  os.environ["XLA_FLAGS"] = f"{_flags} {DEVICE_COUNT_FLAG}=8".strip()
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
+import jax  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -335,6 +335,42 @@ def test_native_status_explains_itself():
   assert "registered" in status.reason
 
 
+@pytest.mark.parametrize(
+  ("make", "params", "reason"),
+  [
+    (lambda: amsgrad_jax.amsgradw(1e-3), {"w": jnp.ones(4)}, None),
+    (
+      lambda: optax.chain(optax.clip_by_global_norm(1.0), amsgrad_jax.amsgrad(1e-3)),
+      {"w": jnp.ones(4)},
+      "not one built by amsgrad_jax.amsgrad",
+    ),
+    (lambda: optax.sgd(1e-3), {"w": jnp.ones(4)}, "not one built by amsgrad_jax.amsgrad"),
+    (
+      lambda: amsgrad_jax.amsgrad(1e-3),
+      {"w": jnp.ones(4, jnp.float16)},
+      "not float16",
+    ),
+    (
+      lambda: amsgrad_jax.amsgrad(1e-3, weight_decay=jnp.asarray(0.1)),
+      {"w": jnp.ones(4)},
+      "weight_decay is not a Python number",
+    ),
+  ],
+)
+def test_native_status_of_an_optimizer_says_why_not(native_kernel, make, params, reason):
+  tx = make()
+  status = amsgrad_jax.native_status(tx, tx.init(params), params)
+  if reason is None:
+    assert status.active, status
+  else:
+    assert not status.active
+    assert reason in status.reason, status.reason
+  # The answer is the step's: the native kernel appears in the lowered step exactly then.
+  step = jax.jit(lambda g, s, p: amsgrad_jax.apply_step(tx, g, s, p))
+  text = step.lower(params, tx.init(params), params).as_text()
+  assert ("amsgrad_jax_step" in text) == status.active
+
+
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
 
 

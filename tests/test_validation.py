@@ -418,3 +418,21 @@ def test_largest_float32_beta_below_one_still_gives_finite_steps(convention):
   updates, state = tx.update(jnp.array([0.1, -0.2]), tx.init(jnp.ones(2)))
   assert np.all(np.isfinite(updates))
   assert np.all(np.isfinite(state.nu_max))
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: amsgrad_jax.amsgrad(1e-3),
+    lambda: amsgrad_jax.amsgradw(1e-3),
+    lambda: amsgrad_jax.amsgrad(1e-3, weight_decay=0.1),
+    amsgrad_jax.scale_by_amsgrad,
+  ],
+)
+def test_update_without_init_says_to_call_init(make):
+  tx = make()
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"opt_state=None.*tx\.init\(params\)"):
+    tx.update(params, None, params)
+  with pytest.raises(ValueError, match=r"apply_step got opt_state=None.*tx\.init\(params\)"):
+    amsgrad_jax.apply_step(tx, params, None, params)

@@ -157,7 +157,7 @@ def tree_call(scalars: jax.Array, leaves: list[tuple[jax.Array, ...]], decay: De
 def flat_call(
   scalars: jax.Array,
   state: tuple[jax.Array, ...],
-  leaves: list[tuple[jax.Array, ...]],
+  leaves: Sequence[tuple[jax.Array, ...]],
   offsets: list[int],
   decay: Decay,
 ) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:

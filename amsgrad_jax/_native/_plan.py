@@ -109,9 +109,11 @@ def plan(tx: Any, grads: Any, opt_state: Any, params: Any) -> Plan | Fallback:
 
 def _buffers_problem(grads: Any, state: ScaleByAmsgradState, params: Any) -> str | None:
   """Why the trees cannot be stepped by the kernel, or ``None`` when they can."""
-  treedef = jax.tree.structure(params)
+  structures: list[Any] = [
+    jax.tree.structure(t) for t in (params, grads, state.mu, state.nu, state.nu_max)
+  ]
   trees = (grads, state.mu, state.nu, state.nu_max)
-  if any(jax.tree.structure(tree) != treedef for tree in trees):
+  if any(structure != structures[0] for structure in structures[1:]):
     return "the gradients or the state do not have the parameters' tree structure"
   for p, g, mu, nu, nu_max in zip(*(jax.tree.leaves(t) for t in (params, *trees)), strict=True):
     if not all(isinstance(x, jax.Array) for x in (p, g, mu, nu, nu_max)):

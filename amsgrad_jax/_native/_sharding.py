@@ -77,7 +77,9 @@ def _sharded_kernel(kernel: Kernel, ranks: list[int], decay: Decay) -> Any:
       shardings.append(sharding)
     return shardings
 
-  def infer_sharding_from_operands(mesh: Any, arg_shapes: Any, result_shape: Any) -> list[Any]:
+  def infer_sharding_from_operands(
+    mesh: Any, arg_shapes: Any, result_shape: Any
+  ) -> tuple[Any, ...]:
     del result_shape
     return tuple(s for s in param_shardings(mesh, arg_shapes) for _ in range(RESULTS_PER_LEAF))
 

@@ -237,7 +237,7 @@ def _tree_layout_step(
       outputs = per_shard(_interface.tree_call, scalars, [leaves[i] for i in batch], mode)
       for index, output in zip(batch, outputs, strict=True):
         results[index] = output
-  return tuple(treedef.unflatten([r[i] for r in results]) for i in range(4))
+  return tuple(jax.tree.unflatten(treedef, [r[i] for r in results]) for i in range(4))
 
 
 def _flat_layout_step(
@@ -278,7 +278,7 @@ def _flat_layout_step(
   mu, nu, nu_max = (
     FlatMoment({group: buffers[k] for group, buffers in moments.items()}, layout) for k in range(3)
   )
-  return treedef.unflatten(new_params), mu, nu, nu_max
+  return jax.tree.unflatten(treedef, new_params), mu, nu, nu_max
 
 
 def _step_size(plan: Plan) -> Callable[[Any], jax.Array]:
