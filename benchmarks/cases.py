@@ -25,8 +25,8 @@ class Case:
   learning_rate: float = 1e-3
   warmup: int = 2
   min_reps: int = 5
-  max_reps: int = 30
-  budget_s: float = 0.6
+  max_reps: int = 20
+  budget_s: float = 0.5
 
   @property
   def parameters(self) -> int:

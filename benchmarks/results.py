@@ -78,7 +78,7 @@ def table(summary: dict[str, Any]) -> str:
   """The one generated table: a caption line, then a row per case and contender."""
   about = summary["machine"]
   lines = [
-    f"{about['cpu']}, {about['cores']} cores, {about['date']}; {summary['rounds']} rounds, "
+    f"{about['cpu']}, {about['cores']} cores, {about['date']}; rounds: {summary['rounds']}, "
     f"{summary['wall_s']:.0f} s; load average {about['load_average_at_start']:.1f} at the "
     f"start, {about['load_average_at_end']:.1f} at the end; "
     + ", ".join(f"{k} {v}" for k, v in sorted(summary["versions"].items())),
