@@ -1,12 +1,15 @@
-"""The documentation covers the public API, its docstrings follow Optax's layout, and the
-code on the guide pages runs.
+"""The documentation covers the public API, its docstrings follow Optax's layout, the code
+on its pages runs, and the built site works offline.
 
 Doctests of the docstrings themselves run through ``--doctest-modules`` (pyproject.toml).
+The site is built once, strictly, into a temporary folder (``built_docs``), and every
+check of the HTML reads that build.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import html.parser
 import inspect
 import re
 import subprocess
@@ -30,14 +33,19 @@ SECTION_ORDER = ["Args", "Returns", "Raises", "Examples", "References"]
 CITES_THE_PAPER = {"amsgrad", "amsgradw", "scale_by_amsgrad", "apply_step"}
 # The optimizers state their update rule in maths.
 STATES_THE_MATHS = {"amsgrad", "amsgradw", "scale_by_amsgrad"}
-# Pages whose Python code blocks form a program (blocks starting with an import, in order).
-RUNNABLE_PAGES = [
-  "getting_started.md",
-  "migrating.md",
-  "guides/flax.md",
-  "guides/schedules.md",
-  "guides/checkpointing.md",
-]
+# Every ```python block of a page runs, in order, in one namespace: the page is one program.
+# A fragment that cannot run alone (PyTorch code, one line out of a loop) is written as a
+# ```{code-block} python block instead.
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
+# The site's pages (not _static/ or _build/, which Sphinx does not read as pages).
+PAGES = sorted(
+  page.relative_to(DOCS).as_posix()
+  for page in DOCS.rglob("*.md")
+  if not any(part.startswith("_") for part in page.relative_to(DOCS).parts)
+)
+RUNNABLE_PAGES = [page for page in PAGES if PYTHON_BLOCK.search((DOCS / page).read_text())]
+# Measured times and rates belong to the benchmarks page alone; the others link to it.
+MEASUREMENT = re.compile(r"\d\s*(?:ms|µs|us|ns|GB/s|MB/s)\b|\bratios?\b[^.\n]*\d\.\d")
 
 PUBLIC = sorted(amsgrad_jax.__all__)
 PUBLIC_CALLABLES = [name for name in PUBLIC if inspect.isfunction(getattr(amsgrad_jax, name))]
@@ -124,28 +132,34 @@ def test_public_classes_document_every_field(name):
 
 def test_every_page_is_in_a_toctree_and_every_figure_exists():
   index = (DOCS / "index.md").read_text()
-  for page in ["getting_started", "algorithm", "migrating", "api", "benchmarks"]:
-    assert re.search(rf"^{page}$", index, re.M), f"index.md's toctree lacks {page}"
-    assert (DOCS / f"{page}.md").is_file()
-  assert re.search(r"^:glob:$", index, re.M)
-  assert re.search(r"^guides/\*$", index, re.M)
-  for page in DOCS.rglob("*.md"):
-    if "_build" in page.parts:
+  for page in PAGES:
+    name = page.removesuffix(".md")
+    if name == "index":
       continue
-    for image in re.findall(r"\{(?:figure|image)\}\s+(\S+)", page.read_text()):
-      assert (page.parent / image).is_file(), f"{page.name} shows a missing {image}"
+    assert re.search(rf"^{name}$", index, re.M), f"index.md's toctree lacks {name}"
+  for page in PAGES:
+    for image in re.findall(r"\{(?:figure|image)\}\s+(\S+)", (DOCS / page).read_text()):
+      assert (DOCS / page).parent.joinpath(image).is_file(), f"{page} shows a missing {image}"
+
+
+@pytest.mark.parametrize("page", [page for page in PAGES if page != "benchmarks.md"])
+def test_only_the_benchmarks_page_states_measured_times(page):
+  found = MEASUREMENT.findall((DOCS / page).read_text())
+  assert not found, f"{page} states {found}: say it in words and link to benchmarks.md"
 
 
 def code_blocks(page: str) -> list[str]:
-  """The page's Python blocks that start with an import: together, one program."""
-  blocks = re.findall(r"^```python\n(.*?)^```", (DOCS / page).read_text(), re.M | re.S)
-  return [block for block in blocks if re.match(r"(import|from) ", block)]
+  return PYTHON_BLOCK.findall((DOCS / page).read_text())
+
+
+def test_the_pages_with_code_include_the_guides():
+  assert {"getting_started.md", "guides/flax.md", "guides/scaling.md"} <= set(RUNNABLE_PAGES)
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES)
 def test_the_code_on_the_page_runs(page, tmp_path, monkeypatch):
   blocks = code_blocks(page)
-  assert blocks, f"{page} has no runnable code"
+  assert len(jax.devices()) == 8  # guides/scaling.md shards over 8 CPU devices (conftest.py)
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # Checkpoints go to tmp_path.
   namespace: dict = {"__name__": f"docs_{Path(page).stem}"}
   # Readers run the code with JAX's default promotion rules, not this suite's strict ones.
@@ -155,29 +169,99 @@ def test_the_code_on_the_page_runs(page, tmp_path, monkeypatch):
       exec(code, namespace)
 
 
-@pytest.mark.slow
-def test_the_docs_build_without_a_warning(tmp_path):
+@pytest.fixture(scope="module")
+def built_docs(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+  """One strict build of the whole site (every page read afresh), and its HTML folder."""
+  out = tmp_path_factory.mktemp("docs")
+  command = ["-W", "--keep-going", "-q", "-b", "html", "-d", str(out / "doctrees")]
   result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "sphinx",
-      "-W",
-      "--keep-going",
-      "-q",
-      "-b",
-      "html",
-      "-d",
-      str(tmp_path / "doctrees"),
-      str(DOCS),
-      str(tmp_path / "html"),
-    ],
+    [sys.executable, "-m", "sphinx", *command, str(DOCS), str(out / "html")],
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=600,
     check=False,
   )
+  return result, out / "html"
+
+
+@pytest.fixture
+def built_html(built_docs) -> Path:
+  result, html = built_docs
+  if not (html / "index.html").is_file():
+    pytest.fail("the docs did not build:\n" + result.stdout + result.stderr)
+  return html
+
+
+class Assets(html.parser.HTMLParser):
+  """What a page makes the browser load: scripts, stylesheets, images, icons."""
+
+  def __init__(self):
+    super().__init__()
+    self.urls: list[str] = []
+    self.math = False
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag in ("script", "img") and attrs.get("src"):
+      self.urls.append(attrs["src"])
+    rel = set((attrs.get("rel") or "").split())
+    if tag == "link" and rel & {"stylesheet", "preload", "modulepreload", "icon"}:
+      self.urls.append(attrs["href"])
+    if "math" in (attrs.get("class") or "").split():
+      self.math = True
+
+
+def assets(page: Path) -> Assets:
+  parser = Assets()
+  parser.feed(page.read_text())
+  return parser
+
+
+def built_pages(html: Path) -> list[Path]:
+  return [page for page in html.rglob("*.html") if "_static" not in page.parts]
+
+
+@pytest.mark.slow
+def test_the_docs_build_without_a_warning(built_docs):
+  result, _ = built_docs
   assert result.returncode == 0, result.stdout + result.stderr
-  api = (tmp_path / "html" / "api.html").read_text()
+
+
+@pytest.mark.slow
+def test_the_built_api_page_has_an_entry_for_every_public_name(built_html):
+  api = (built_html / "api.html").read_text()
   for name in PUBLIC:
     assert f'id="amsgrad_jax.{name}"' in api, f"the built API page has no anchor for {name}"
+
+
+@pytest.mark.slow
+def test_no_page_loads_anything_from_the_network(built_html):
+  """Opened from disk without a network, every page has its scripts, styles and images."""
+  pages = built_pages(built_html)
+  assert len(pages) >= len(PAGES)
+  for page in pages:
+    for url in assets(page).urls:
+      assert not re.match(r"(https?:)?//", url), f"{page.name} loads {url} from the network"
+      local = (page.parent / url.split("?")[0].split("#")[0]).resolve()
+      assert local.is_file(), f"{page.name} loads {url}, which the build does not contain"
+  for stylesheet in (built_html / "_static").rglob("*.css"):
+    assert not re.search(r"url\(\s*['\"]?(https?:)?//", stylesheet.read_text()), stylesheet
+
+
+@pytest.mark.slow
+def test_the_maths_is_typeset_by_a_local_mathjax(built_html):
+  pages_with_maths = [page for page in built_pages(built_html) if assets(page).math]
+  assert {"algorithm.html", "api.html"} <= {page.name for page in pages_with_maths}
+  for page in pages_with_maths:
+    scripts = [url for url in assets(page).urls if re.search(r"mathjax/tex-\w+\.js$", url)]
+    assert scripts, f"{page.name} has maths but loads no MathJax"
+    assert (page.parent / scripts[0]).resolve().is_file()
+  # MathJax loads the TeX packages it lacks (\\begin{cases}, ...) from beside itself.
+  assert (built_html / "_static" / "mathjax" / "input" / "tex" / "extensions").is_dir()
+
+
+@pytest.mark.slow
+def test_the_api_page_names_types_as_they_are_imported(built_html):
+  text = re.sub(r"<[^>]+>", "", (built_html / "api.html").read_text())
+  for leak in (r"TypeAliasForwardRef", r"jaxlib", r"amsgrad_jax\._[a-z]", r"optax\._src"):
+    assert not re.search(leak, text), f"the API page shows {leak!r} in a type"
