@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ import numpy as np
 import optax
 
 from amsgrad_jax import amsgrad
+
+if TYPE_CHECKING:
+  from matplotlib.figure import Figure
 
 TARGET = 5.0
 STEPS = 2000
@@ -37,6 +41,9 @@ SPIKED = 1  # the coordinate that gets the spike
 LEARNING_RATE = 1e-2
 B2 = 0.99
 CLIP = 10.0
+FIGSIZE = (10, 3.6)  # inches
+DPI = 110  # 1100 x 396 pixels
+UNSPIKED_LABEL = "AMSGrad, coordinate without spike"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "_static" / "spike_freeze.png"
 
 
@@ -90,22 +97,22 @@ def trajectories(convention: str = "pytorch") -> dict[str, tuple[np.ndarray, np.
   return results
 
 
-def plot(results: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> None:
-  """Draw the spiked coordinate's position and step size, save as PNG to ``out``."""
+def draw(results: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
+  """The figure: the spiked coordinate's position (left) and step size (right) per run."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   steps = np.arange(1, STEPS + 1)
-  figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+  figure, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE, constrained_layout=True)
   # The two clipped runs nearly coincide; dashes keep both visible.
   styles = ["-", "-", "-", (0, (4, 3))]
   for (label, (positions, updates)), style in zip(results.items(), styles, strict=True):
     left.plot(steps, positions[:, SPIKED], linestyle=style, label=label)
     right.semilogy(steps, np.abs(updates[:, SPIKED]) + 1e-12, linestyle=style, label=label)
   positions, _ = results["AMSGrad"]
-  left.plot(steps, positions[:, 1 - SPIKED], "k:", label="AMSGrad, coordinate without spike")
+  left.plot(steps, positions[:, 1 - SPIKED], "k:", label=UNSPIKED_LABEL)
   left.axhline(TARGET, color="grey", linewidth=0.8)
   for axis in (left, right):
     axis.axvline(SPIKE_STEP, color="red", linewidth=0.8, linestyle="--")
@@ -115,8 +122,16 @@ def plot(results: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> None:
   right.set_ylabel("|update| of the spiked coordinate")
   right.set_title("AMSGrad's running maximum never forgets the spike")
   left.legend(fontsize=7, loc="lower right")
+  return figure
+
+
+def plot(results: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> None:
+  """Draw the figure of ``results`` and save it as PNG to ``out``."""
+  import matplotlib.pyplot as plt
+
+  figure = draw(results)
   out.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(out, dpi=110)
+  figure.savefig(out, dpi=DPI)
   plt.close(figure)
 
 
