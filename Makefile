@@ -29,8 +29,24 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q
 
-docs: $(STAMP)
+# The docs need Sphinx and what autodoc imports (the library, so jax and optax): not the
+# test, example or benchmark stacks (torch, keras).
+DOCS_STAMP := $(VENV)/.installed-docs
+
+$(DOCS_STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "amsgrad_jax needs Python >= 3.11")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
 	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+# Every page as a reader sees it from disk, in docs/_build/shots (needs Debian's chromium).
+.PHONY: docs-shots
+docs-shots: docs
+	$(PY) docs/screenshots.py docs/_build/html docs/_build/shots --width 1280 --width 800
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
