@@ -5,8 +5,8 @@ docs-shots`` builds the docs first). Headless Chromium (``/usr/bin/chromium``, o
 ``$CHROMIUM``) opens every page from ``file://`` with every host name unresolvable, waits
 for MathJax, and writes ``OUT_DIR/<page>.png`` (``<page>-<width>.png`` for each width
 after the first). For each page it also reports, and exits 1 on, what a reader would see
-broken: a request to the network, maths left as LaTeX source, and a table or equation
-wider than the column (cut off, or hidden behind a scroll bar). Takes about a second a page.
+broken: a request to the network, maths left as LaTeX source, and a table, equation or
+code listing wider than the column (cut off, or hidden behind a scroll bar). Takes about a second a page.
 
 Chromium is driven through its DevTools protocol on a pipe (``--remote-debugging-pipe``),
 so this needs nothing but the Python standard library and the browser.
@@ -49,9 +49,12 @@ INSPECT = """(async () => {
   await document.fonts.ready;
   const article = document.querySelector("article") || document.body;
   const right = article.getBoundingClientRect().right;
-  const name = (el) => el.tagName.toLowerCase() + (el.className ? "." + el.className : "");
+  const name = (el) => {
+    const id = el.closest("[id]");
+    return el.tagName.toLowerCase() + (id ? " in #" + id.id : "") + ": " + el.textContent.trim().slice(0, 40);
+  };
   const wide = [];
-  for (const el of article.querySelectorAll("table, .math, mjx-container, img")) {
+  for (const el of article.querySelectorAll("table, .math, mjx-container, img, pre")) {
     const box = el.getBoundingClientRect();
     const style = getComputedStyle(el);
     const scrolls = el.scrollWidth > el.clientWidth + 1 && style.overflowX !== "visible";

@@ -115,16 +115,18 @@ def main(process_id: int, port: int, output_dir: pathlib.Path) -> None:
     )
     if isinstance(s, amsgrad_jax.ScaleByAmsgradState)
   ]
+
+  def specs_of(tree: dict[str, jax.Array]) -> dict[str, str]:
+    return {name: str(leaf.sharding.spec) for name, leaf in tree.items()}
+
+  kernel_devices = params["kernel"].sharding.addressable_devices
   specs = {
-    "params": {name: str(leaf.sharding.spec) for name, leaf in params.items()},
-    **{
-      field: {name: str(leaf.sharding.spec) for name, leaf in getattr(amsgrad_state, field).items()}
-      for field in ("mu", "nu", "nu_max")
-    },
+    "params": specs_of(params),
+    **{f: specs_of(getattr(amsgrad_state, f)) for f in ("mu", "nu", "nu_max")},
     "process_index": jax.process_index(),
     "collectives": sorted({op for op in COLLECTIVES if op in hlo}),
     "global_devices": sorted(d.id for d in mesh.devices.flat),
-    "addressable_devices": sorted(d.id for d in params["kernel"].sharding.addressable_devices),
+    "addressable_devices": sorted(d.id for d in kernel_devices),
   }
   gathered = multihost_utils.process_allgather((params, state), tiled=True)
   print(json.dumps(specs))
