@@ -6,7 +6,7 @@ Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
 from amsgrad_jax._aliases import amsgrad, amsgradw
 from amsgrad_jax._flat import FlatLayout, FlatMoment
 from amsgrad_jax._guard import skip_nonfinite
-from amsgrad_jax._native import NativeStatus, apply_step, native_status
+from amsgrad_jax._native import NativeFallbackWarning, NativeStatus, apply_step, native_status
 from amsgrad_jax._rules import CONVENTIONS
 from amsgrad_jax._transform import ScaleByAmsgradState, scale_by_amsgrad
 
@@ -16,6 +16,7 @@ __all__ = [
   "CONVENTIONS",
   "FlatLayout",
   "FlatMoment",
+  "NativeFallbackWarning",
   "NativeStatus",
   "ScaleByAmsgradState",
   "amsgrad",

@@ -15,6 +15,9 @@ from amsgrad_jax._options import (
 )
 from amsgrad_jax._transform import transformation
 
+# The attribute of an alias's update function that holds its options (read by apply_step).
+OPTIONS_ATTRIBUTE = "amsgrad_jax_options"
+
 
 class AliasTransformation(optax.GradientTransformationExtraArgs):
   """A plain :class:`optax.GradientTransformationExtraArgs` that also carries ``options``.
@@ -40,6 +43,8 @@ class AliasTransformation(optax.GradientTransformationExtraArgs):
       _validation.check_initialised(state, f"{name}'s update")
       return chain.update(updates, state, params, **extra_args)
 
+    if options is not None:  # how apply_step finds the alias inside Optax's wrappers
+      setattr(update_fn, OPTIONS_ATTRIBUTE, options)
     transformation = super().__new__(cls, chain.init, update_fn)
     transformation.options = options
     return transformation

@@ -26,7 +26,8 @@ from test_apply_step import DTYPES, SHAPES, STEPS, ULPS, make_tx, native_kernel,
 
 import amsgrad_jax
 from amsgrad_jax import FlatMoment, ScaleByAmsgradState
-from amsgrad_jax._native._step import LEAVES_PER_CALL, pure_step
+from amsgrad_jax._native._alias_step import LEAVES_PER_CALL
+from amsgrad_jax._native._step import pure_step
 
 __all__ = ["native_kernel"]  # the fixture that requires the native step, used here too
 

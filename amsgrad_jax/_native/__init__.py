@@ -7,6 +7,6 @@ not; ``_step`` is :func:`~amsgrad_jax.apply_step`; ``_sharding`` runs the kernel
 """
 
 from amsgrad_jax._native._loader import NativeStatus
-from amsgrad_jax._native._step import apply_step, native_status
+from amsgrad_jax._native._step import NativeFallbackWarning, apply_step, native_status
 
-__all__ = ["NativeStatus", "apply_step", "native_status"]
+__all__ = ["NativeFallbackWarning", "NativeStatus", "apply_step", "native_status"]

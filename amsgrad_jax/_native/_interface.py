@@ -48,6 +48,10 @@ SCALARS = (
   "root_scale",  # the rule's d
   "neg_lr",  # -learning rate, rounded to the parameter dtype
   "weight_decay",  # rounded to the parameter dtype
+  # A global-norm clip in front: g -> (g / divisor) * multiplier, each rounded to the
+  # parameter dtype as optax.clip_by_global_norm rounds them; 1 and 1 when not clipping.
+  "grad_divisor",
+  "grad_multiplier",
 )
 
 TREE_OPERANDS = ("params", "grads", "mu", "nu", "nu_max")

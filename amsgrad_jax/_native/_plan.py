@@ -61,21 +61,19 @@ def machine_status() -> NativeStatus:
   return loaded
 
 
-def plan(tx: Any, grads: Any, opt_state: Any, params: Any) -> Plan | Fallback:
-  """A :class:`Plan` for this step, or the :class:`Fallback` that explains why not."""
-  options = getattr(tx, "options", None)
-  if not isinstance(options, AliasOptions):
-    return Fallback(
-      "the optimizer is not one built by amsgrad_jax.amsgrad or amsgrad_jax.amsgradw "
-      "(a wrapper or a copy of one hides what it computes)"
-    )
-  status = machine_status()
-  if not status.active:
-    return Fallback(status.reason)
-  if not numeric(options.weight_decay):
-    return Fallback("weight_decay is not a Python number (an array or a schedule)")
-  if not (callable(options.learning_rate) or numeric(options.learning_rate)):
-    return Fallback("learning_rate is neither a Python number nor a schedule")
+def plan(options: AliasOptions, grads: Any, opt_state: Any, params: Any) -> Plan | Fallback:
+  """A :class:`Plan` for one alias's step, or the :class:`Fallback` that explains why not.
+
+  ``opt_state`` is the alias's own state (its chain's 3-tuple). Hyperparameters may be
+  Python numbers or scalars (traced ones under ``optax.inject_hyperparams``); they enter
+  the kernel as operands either way.
+  """
+  if callable(options.weight_decay):
+    return Fallback("weight_decay is a schedule; the native step takes a number")
+  if not (callable(options.learning_rate) or _scalar(options.learning_rate)):
+    return Fallback("learning_rate is neither a number nor a schedule")
+  if not _scalar(options.weight_decay):
+    return Fallback("weight_decay is not a scalar")
   if not isinstance(opt_state, tuple) or len(opt_state) != 3:
     return Fallback("opt_state is not the state this optimizer's init builds")
   amsgrad_index = 0 if options.decoupled else 1
@@ -101,10 +99,35 @@ def plan(tx: Any, grads: Any, opt_state: Any, params: Any) -> Plan | Fallback:
   )
   if problem is not None:
     return Fallback(problem)
+  problem = _array_hyperparameter_problem(options, params)
+  if problem is not None:
+    return Fallback(problem)
   decay = _decay_modes(options, grads)
   if isinstance(decay, Fallback):
     return decay
   return Plan(options, opt_state, amsgrad_index, schedule_index, decay)
+
+
+def _scalar(value: Any) -> bool:
+  return numeric(value) or (hasattr(value, "shape") and np.shape(value) == ())
+
+
+def _array_hyperparameter_problem(options: AliasOptions, params: Any) -> str | None:
+  """An array learning rate or weight decay (``optax.inject_hyperparams`` makes them)
+  multiplies each update in its own dtype, not the parameter's, under JAX's promotion:
+  the kernel rounds to the parameter dtype, so it takes only parameters of that dtype."""
+  for name in ("learning_rate", "weight_decay"):
+    value = getattr(options, name)
+    if numeric(value) or callable(value):
+      continue
+    dtype = np.dtype(value.dtype)
+    for leaf in jax.tree.leaves(params):
+      if np.dtype(leaf.dtype) != dtype:
+        return (
+          f"{name} is a {dtype} array and a parameter is {np.dtype(leaf.dtype)}: Optax "
+          f"forms that update in {dtype}, the kernel in the parameter's dtype"
+        )
+  return None
 
 
 def _buffers_problem(grads: Any, state: ScaleByAmsgradState, params: Any) -> str | None:
@@ -178,7 +201,7 @@ def _decay_modes(options: AliasOptions, grads: Any) -> list[Decay] | Fallback:
   """Each leaf's weight-decay mode, or a :class:`Fallback` when the mask is not concrete
   booleans. A callable mask is called on the updates, as ``optax.masked`` calls it."""
   leaves = jax.tree.leaves(grads)
-  if options.weight_decay == 0:
+  if not options.decays:
     return [Decay.NONE] * len(leaves)
   if not options.decoupled:
     return [Decay.COUPLED] * len(leaves)

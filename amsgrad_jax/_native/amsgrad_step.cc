@@ -14,6 +14,7 @@
 // (u += wd p after the step, as optax.add_decayed_weights after scale_by_amsgrad).
 //
 // Per element, in C, with the rule's coefficients a, b, d (amsgrad_jax/_rules.py):
+//   g = (g / divisor) * multiplier  (a global-norm clip in front; 1 and 1 without one)
 //   m = b1 m + (1-b1) g;   v = b2 v + (1-b2) g^2;   nu_max = max(nu_max, a v)
 //   u = (b m) / (d sqrt(nu_max + eps_root) + eps);   p = p + (-lr) u
 // Each intermediate that the Optax chain holds in the parameter dtype is rounded to it
@@ -141,9 +142,11 @@ void StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_r
   const C eps = s[kScalarEps], eps_root = s[kScalarEpsRoot];
   const C a = s[kScalarNuScale], b = s[kScalarMuScale], d = s[kScalarRootScale];
   const C neg_lr = s[kScalarNegLr], weight_decay = s[kScalarWeightDecay];
+  const C grad_divisor = s[kScalarGradDivisor], grad_multiplier = s[kScalarGradMultiplier];
   for (size_t i = begin; i < end; ++i) {
     const C p = Load<C>(params[i]);
-    C g = Load<C>(grads[i]);
+    // A global-norm clip, as optax.clip_by_global_norm forms it: (g / norm) * max_norm in P.
+    C g = Through<P>(Through<P>(Load<C>(grads[i]) / grad_divisor) * grad_multiplier);
     if constexpr (kDecay == kDecayCoupled) {
       // XLA keeps this sum in the compute dtype (its convert pair to P and back is removed
       // as excess precision), so only the product is rounded to P.

@@ -1,0 +1,173 @@
+"""One alias's step in the kernel: the step's scalars, the calls per dtype group.
+
+Every scalar of the step (bias corrections, the rule's coefficients, the scheduled or
+injected learning rate, a global-norm clip in front) is computed here, in JAX, by the
+functions the Optax path uses, and passed to the kernel as an operand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from amsgrad_jax import _numerics
+from amsgrad_jax._flat import FlatLayout, FlatMoment
+from amsgrad_jax._native import _interface
+from amsgrad_jax._native._interface import Decay
+from amsgrad_jax._native._plan import Plan
+from amsgrad_jax._native._sharding import per_shard
+from amsgrad_jax._transform import ScaleByAmsgradState, step_scalars
+
+# Leaves per kernel call. XLA's compile time grows faster than linearly with the number of
+# aliased results of one custom call (400 leaves in one call: 7 s; in calls of 64: 0.5 s),
+# while a call costs microseconds; groups larger than this take several calls.
+LEAVES_PER_CALL = 64
+
+
+class GradScale(NamedTuple):
+  """A global-norm clip the kernel applies as it reads each gradient: ``g`` while
+  ``trigger`` (the norm is under ``max_norm``), else ``(g / norm) * max_norm``."""
+
+  trigger: jax.Array
+  norm: jax.Array
+  max_norm: Any
+
+
+def alias_step(plan: Plan, grads: Any, params: Any, clip: GradScale | None) -> tuple[Any, tuple]:
+  """One alias's step in the kernel: its new parameters and its new (chain) state."""
+  options = plan.options
+  state: ScaleByAmsgradState = plan.opt_state[plan.amsgrad_index]
+  count = _numerics.safe_increment(state.count)
+  step_size = _step_size(plan)
+
+  def scalars_for(param_dtype: np.dtype, mu_dtype: Any, nu_dtype: Any) -> jax.Array:
+    compute = _numerics.real_dtype(_numerics.compute_dtype(param_dtype, mu_dtype, nu_dtype))
+    s = step_scalars(options, count, compute)
+    ones = jnp.ones((), param_dtype)
+
+    def in_param_dtype(value: Any) -> jax.Array:
+      return jnp.multiply(value, ones)
+
+    values = {
+      "b1": s.b1,
+      "b2": s.b2,
+      "one_minus_b1": s.one_minus_b1,
+      "one_minus_b2": s.one_minus_b2,
+      "eps": s.eps,
+      "eps_root": s.eps_root,
+      **s.coefficients._asdict(),
+      "neg_lr": step_size(param_dtype),
+      # add_decayed_weights multiplies the parameter by the number, in its dtype.
+      "weight_decay": in_param_dtype(options.weight_decay),
+      "grad_divisor": 1.0 if clip is None else _unless(clip.trigger, clip.norm.astype(param_dtype)),
+      "grad_multiplier": 1.0
+      if clip is None
+      else _unless(clip.trigger, in_param_dtype(clip.max_norm)),
+    }
+    return jnp.stack([jnp.asarray(values[name]).astype(compute) for name in _interface.SCALARS])
+
+  step = _flat_layout_step if isinstance(state.mu, FlatMoment) else _tree_layout_step
+  new_params, mu, nu, nu_max = step(state, grads, params, plan.decay, scalars_for)
+  new_state = list(plan.opt_state)
+  new_state[plan.amsgrad_index] = ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+  if plan.schedule_index is not None:
+    schedule_state = plan.opt_state[plan.schedule_index]
+    new_state[plan.schedule_index] = optax.ScaleByScheduleState(
+      count=optax.safe_increment(schedule_state.count)
+    )
+  return new_params, tuple(new_state)
+
+
+def _tree_layout_step(
+  state: ScaleByAmsgradState,
+  grads: Any,
+  params: Any,
+  decay: list[Decay],
+  scalars_for: Callable[..., jax.Array],
+) -> tuple[Any, Any, Any, Any]:
+  """New params, mu, nu and nu_max: one kernel call per dtype group (and decay mode), in
+  calls of at most :data:`LEAVES_PER_CALL` leaves."""
+  param_leaves, treedef = jax.tree.flatten(params)
+  columns = [param_leaves, *(jax.tree.leaves(t) for t in (grads, state.mu, state.nu, state.nu_max))]
+  leaves = list(zip(*columns, strict=True))
+  results: list[tuple[jax.Array, ...]] = [(p, mu, nu, nu_max) for p, _, mu, nu, nu_max in leaves]
+
+  groups: dict[tuple[Any, ...], list[int]] = {}
+  for index, (p, _, mu, nu, _) in enumerate(leaves):
+    if p.size == 0:
+      continue
+    key = (np.dtype(p.dtype), np.dtype(mu.dtype), np.dtype(nu.dtype), decay[index])
+    groups.setdefault(key, []).append(index)
+
+  for (param_dtype, mu_dtype, nu_dtype, mode), indices in groups.items():
+    scalars = scalars_for(param_dtype, mu_dtype, nu_dtype)
+    for start in range(0, len(indices), LEAVES_PER_CALL):
+      batch = indices[start : start + LEAVES_PER_CALL]
+      outputs = per_shard(_interface.tree_call, scalars, [leaves[i] for i in batch], mode)
+      for index, output in zip(batch, outputs, strict=True):
+        results[index] = output
+  return tuple(jax.tree.unflatten(treedef, [r[i] for r in results]) for i in range(4))
+
+
+def _flat_layout_step(
+  state: ScaleByAmsgradState,
+  grads: Any,
+  params: Any,
+  decay: list[Decay],
+  scalars_for: Callable[..., jax.Array],
+) -> tuple[Any, Any, Any, Any]:
+  """As :func:`_tree_layout_step` for the flat layout: each call updates its leaves'
+  parameters and their ranges of the group's three buffers, which pass from call to call
+  (aliased, so in place). The buffers are not partitioned: under a mesh XLA replicates
+  the call, which is why sharded models keep the tree layout."""
+  layout: FlatLayout = state.mu.layout
+  param_leaves, treedef = jax.tree.flatten(params)
+  grad_leaves = jax.tree.leaves(grads)
+  new_params = list(param_leaves)
+  moments = {
+    group: tuple(m.buffers[group] for m in (state.mu, state.nu, state.nu_max))
+    for group in layout.sizes()
+  }
+  calls: dict[tuple[str, Decay], list[int]] = {}
+  for index, ((shape, group), mode) in enumerate(zip(layout.leaf_specs(), decay, strict=True)):
+    if math.prod(shape) > 0:
+      calls.setdefault((group, mode), []).append(index)
+  for (group, mode), indices in calls.items():
+    buffers = moments[group]
+    param_dtype = np.dtype(param_leaves[indices[0]].dtype)
+    scalars = scalars_for(param_dtype, buffers[0].dtype, buffers[1].dtype)
+    for start in range(0, len(indices), LEAVES_PER_CALL):
+      batch = indices[start : start + LEAVES_PER_CALL]
+      leaves = [(param_leaves[i], grad_leaves[i]) for i in batch]
+      offsets = [layout.offsets[i] for i in batch]
+      buffers, outputs = _interface.flat_call(scalars, buffers, leaves, offsets, mode)
+      for index, output in zip(batch, outputs, strict=True):
+        new_params[index] = output
+    moments[group] = buffers
+  mu, nu, nu_max = (
+    FlatMoment({group: buffers[k] for group, buffers in moments.items()}, layout) for k in range(3)
+  )
+  return jax.tree.unflatten(treedef, new_params), mu, nu, nu_max
+
+
+def _step_size(plan: Plan) -> Callable[[Any], jax.Array]:
+  """``dtype -> -lr`` in ``dtype``, exactly as ``optax.scale_by_learning_rate`` forms it."""
+  learning_rate = plan.options.learning_rate
+  if plan.schedule_index is None:
+    negative = -1 * learning_rate
+    # optax.scale multiplies the update by the Python number, which JAX rounds to its dtype.
+    return lambda dtype: jnp.multiply(negative, jnp.ones((), dtype))
+  count = plan.opt_state[plan.schedule_index].count
+  negative = -1 * learning_rate(count)
+  return lambda dtype: jnp.array(negative, dtype=dtype)
+
+
+def _unless(trigger: jax.Array, value: jax.Array) -> jax.Array:
+  """``1`` where ``trigger``, else ``value``: the kernel's ``(g / 1) * 1`` is ``g``."""
+  return jnp.where(trigger, jnp.ones((), value.dtype), value)

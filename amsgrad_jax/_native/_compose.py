@@ -1,0 +1,391 @@
+"""Which optimizers step natively: an AMSGrad alias, alone or inside Optax's wrappers.
+
+An Optax optimizer is a pair of closures, so :func:`native_step` recognises the wrappers
+users build from (``optax.chain``, ``optax.clip_by_global_norm``,
+``optax.inject_hyperparams``, ``optax.masked``, ``optax.multi_transform``,
+``optax.MultiSteps``) by their update functions and what those close over, and runs each
+one's own logic in JAX around the kernel, exactly as the wrapper would around
+``tx.update``. Anything else raises :class:`Unsupported` with the reason, and the step
+takes the Optax path: a wrapper this module does not know is never guessed at.
+
+Each node receives the gradients as they reach it and returns an *outcome* tree: for
+every leaf either :class:`Written` (the kernel has written the new parameter) or
+:class:`Update` (an update for ``optax.apply_updates``). A global-norm clip directly in
+front of what follows is not applied to the gradients: it travels down as a
+:class:`GradScale`, and the kernel applies it as it reads each gradient, so the clip
+costs the one read pass that computing the norm needs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from amsgrad_jax._aliases import OPTIONS_ATTRIBUTE
+from amsgrad_jax._native._alias_step import GradScale, alias_step
+from amsgrad_jax._native._plan import Fallback, plan
+from amsgrad_jax._options import AliasOptions
+
+
+class Unsupported(Exception):
+  """The step cannot run natively, because of ``reason``."""
+
+  def __init__(self, reason: str) -> None:
+    super().__init__(reason)
+    self.reason = reason
+
+
+@dataclass(frozen=True)
+class Written:
+  """A new parameter the kernel has written."""
+
+  value: jax.Array
+
+
+@dataclass(frozen=True)
+class Update:
+  """An update to add to the parameter, as ``optax.apply_updates`` adds it."""
+
+  value: jax.Array
+
+
+def fallback_reason(tx: Any, grads: Any, opt_state: Any, params: Any) -> str | None:
+  """Why :func:`native_step` cannot run this step, or ``None`` when it can.
+
+  Decided by tracing the native step abstractly (no computation)."""
+  for leaf in jax.tree.leaves(params):
+    concrete = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+    if concrete and any(device.platform != "cpu" for device in leaf.devices()):
+      return "a parameter lives on a device that is not the CPU"
+  if not contains_alias(tx):
+    return (
+      "the optimizer holds no amsgrad_jax.amsgrad or amsgrad_jax.amsgradw (or holds a copy, "
+      "which drops what the native step reads)"
+    )
+  try:
+    jax.eval_shape(lambda g, s, p: native_step(tx, g, s, p), grads, opt_state, params)
+  except Unsupported as unsupported:
+    return unsupported.reason
+  return None
+
+
+def native_step(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+  """``(new_params, new_opt_state)`` with every AMSGrad alias stepped by the kernel.
+
+  Raises:
+    Unsupported: naming what keeps the step from running natively.
+  """
+  outcome, new_state = _walk(_update_fn(tx), grads, opt_state, params, None)
+  return _finish(params, outcome), new_state
+
+
+def _update_fn(tx: Any) -> Callable[..., Any]:
+  update = getattr(tx, "update", None)
+  if not callable(update):
+    raise Unsupported(f"{type(tx).__name__} is not an Optax transformation")
+  return update
+
+
+def _finish(params: Any, outcome: Any) -> Any:
+  """The new parameters: written ones as they are, the others ``p + u`` as Optax adds."""
+
+  def finish(p: Any, result: Any) -> Any:
+    if isinstance(result, Written):
+      return result.value
+    update = result.value if isinstance(result, Update) else result
+    return jnp.asarray(p + update).astype(jnp.asarray(p).dtype)
+
+  return jax.tree.map(finish, params, outcome, is_leaf=lambda x: x is None)
+
+
+def _unwrap(fn: Any) -> Any:
+  """``fn`` without ``optax.with_extra_args_support``'s adapter (``optax.chain`` puts one
+  around every transformation that takes no extra arguments)."""
+  while getattr(fn, "__qualname__", "") == "with_extra_args_support.<locals>.update" and (
+    getattr(fn, "__module__", "") or ""
+  ).startswith("optax."):
+    fn = inspect.getclosurevars(fn).nonlocals["tx"].update
+  return fn
+
+
+def _walk(fn: Any, grads: Any, state: Any, params: Any, clip: GradScale | None) -> tuple:
+  fn = _unwrap(fn)
+  options = getattr(fn, OPTIONS_ATTRIBUTE, None)
+  if isinstance(options, AliasOptions):
+    return _alias(options, grads, state, params, clip)
+  self = getattr(fn, "__self__", None)
+  if isinstance(self, optax.MultiSteps) and fn.__name__ == "update":
+    return _multi_steps(self, grads, state, params, clip)
+  kind = _optax_kind(fn)
+  handler = _HANDLERS.get(kind) if kind is not None else None
+  if handler is None:
+    raise Unsupported(f"{_describe(fn)} is not a transformation the native step runs")
+  return handler(inspect.getclosurevars(fn).nonlocals, grads, state, params, clip)
+
+
+def _optax_kind(fn: Any) -> str | None:
+  """``"chain"``, ``"masked"``, ...: the Optax function whose update ``fn`` is."""
+  qualname = getattr(fn, "__qualname__", "")
+  module = getattr(fn, "__module__", "") or ""
+  if not module.startswith("optax.") or not qualname.endswith(".update_fn"):
+    return None
+  return qualname.split(".<locals>.")[0]
+
+
+def _describe(fn: Any) -> str:
+  kind = _optax_kind(fn)
+  if kind is not None:
+    return f"optax.{kind}"
+  qualname = getattr(fn, "__qualname__", None) or type(fn).__name__
+  return f"{getattr(fn, '__module__', '')}.{qualname}".strip(".")
+
+
+def _alias(options: AliasOptions, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+  decision = plan(options, grads, state, params)
+  if isinstance(decision, Fallback):
+    raise Unsupported(decision.reason)
+  new_params, new_state = alias_step(decision, grads, params, clip)
+  return jax.tree.map(Written, new_params), new_state
+
+
+# ---- clipping in front: optax.clip_by_global_norm as the kernel's scalar --------------------
+
+
+def _clip_scale(max_norm: Any, grads: Any) -> GradScale:
+  """The clip ``optax.clip_by_global_norm(max_norm)`` applies to ``grads``."""
+  norm = optax.tree.norm(grads)
+  trigger = jnp.squeeze(norm < max_norm)
+  return GradScale(trigger=trigger, norm=norm, max_norm=max_norm)
+
+
+def materialize(grads: Any, clip: GradScale | None) -> Any:
+  """``grads`` with the pending clip applied, exactly as ``clip_by_global_norm`` does."""
+  if clip is None:
+    return grads
+
+  def clip_leaf(t: jax.Array) -> jax.Array:
+    return jax.lax.select(clip.trigger, t, (t / clip.norm.astype(t.dtype)) * clip.max_norm)
+
+  return jax.tree.map(clip_leaf, grads)
+
+
+def _is_clip_by_global_norm(fn: Any) -> bool:
+  return _optax_kind(_unwrap(fn)) == "clip_by_global_norm"
+
+
+def _chain(closure: dict, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+  """``optax.chain``: what precedes the last transformation runs in JAX on the gradients
+  (a global-norm clip right before it is deferred to the kernel); the last one walks."""
+  update_fns = list(closure["update_fns"])
+  if not isinstance(state, tuple) or len(state) != len(update_fns) or not update_fns:
+    raise Unsupported("opt_state is not the state this chain's init builds")
+  *before, last = update_fns
+  new_state = list(state)
+  for index, fn in enumerate(before):
+    if _is_clip_by_global_norm(fn) and index == len(before) - 1:
+      grads = materialize(grads, clip)
+      max_norm = inspect.getclosurevars(_unwrap(fn)).nonlocals["max_norm"]
+      clip = _clip_scale(max_norm, grads)
+      continue
+    grads, new_state[index] = fn(materialize(grads, clip), state[index], params)
+    clip = None
+  outcome, new_state[-1] = _walk(last, grads, state[-1], params, clip)
+  return outcome, tuple(new_state)
+
+
+# ---- injected hyperparameters -------------------------------------------------------------
+
+
+def _inject_hyperparams(closure: dict, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+  """``optax.inject_hyperparams``: the hyperparameters as Optax forms them each step; the
+  inner optimizer is rebuilt from them, so they reach the kernel as operands."""
+  from optax.schedules import _inject  # the same conversion the wrapper applies
+
+  fields = ("count", "hyperparams", "hyperparams_states", "inner_state")
+  if not all(hasattr(state, field) for field in fields):
+    raise Unsupported("opt_state is not the state optax.inject_hyperparams builds")
+  dtype = closure["hyperparam_dtype"]
+  if dtype is None:
+    dtype = optax.tree.dtype(params, "highest")
+  sched_hps = closure["sched_hps"]
+  hparams = {k: _inject._convert_floats(v, dtype) for k, v in state.hyperparams.items()}
+  hparams.update(
+    {
+      k: _inject._convert_floats(f(state.hyperparams_states[k]), dtype)
+      for k, f in sched_hps.items()
+    }
+  )
+  hyperparams_states = {k: f.update(state.hyperparams_states[k]) for k, f in sched_hps.items()}
+  inner = optax.with_extra_args_support(closure["inner_factory"](**closure["other_hps"], **hparams))
+  outcome, inner_state = _walk(inner.update, grads, state.inner_state, params, clip)
+  return outcome, type(state)(
+    count=optax.safe_increment(state.count),
+    hyperparams=hparams,
+    hyperparams_states=hyperparams_states,
+    inner_state=inner_state,
+  )
+
+
+# ---- masks and parameter groups --------------------------------------------------------------
+
+
+def _mask_tree(mask: Any, tree: Any) -> Any:
+  """``tree`` with the leaves outside ``mask`` (a prefix of booleans) taken out, as
+  ``optax.masked`` takes them out."""
+  from optax.transforms._masking import MaskedNode
+
+  return jax.tree.map(lambda m, sub: sub if m else MaskedNode(), mask, tree)
+
+
+def _merge(mask: Any, inner: Any, current: Any) -> Any:
+  """``inner``'s outcome where ``mask`` is true, ``current`` elsewhere."""
+  return jax.tree.map(lambda m, new, old: new if m else old, mask, inner, current)
+
+
+def _masked_group(
+  fn: Any, mask: Any, grads: Any, state: Any, params: Any, clip: Any
+) -> tuple[Any, Any]:
+  if isinstance(mask, jax.core.Tracer) or not all(
+    isinstance(m, bool) or (hasattr(m, "dtype") and not isinstance(m, jax.core.Tracer))
+    for m in jax.tree.leaves(mask)
+  ):
+    raise Unsupported("a mask is not made of concrete booleans")
+  masked_params = None if params is None else _mask_tree(mask, params)
+  return _walk(fn, _mask_tree(mask, grads), state, masked_params, clip)
+
+
+def _leftovers(outcome: Any, clip: GradScale | None) -> Any:
+  """Leaves no transformation took: their update is the incoming (clipped) gradient."""
+  return jax.tree.map(
+    lambda x: x if isinstance(x, Written | Update) else Update(materialize(x, clip)), outcome
+  )
+
+
+def _masked(closure: dict, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+  """``optax.masked``: the inner optimizer steps the masked leaves; the others pass their
+  gradient through as the update, as in Optax."""
+  mask = closure["mask"]
+  mask = mask(grads) if callable(mask) else mask
+  if not hasattr(state, "inner_state"):
+    raise Unsupported("opt_state is not the state optax.masked builds")
+  inner, inner_state = _masked_group(
+    closure["inner"].update, mask, grads, state.inner_state, params, clip
+  )
+  return _leftovers(_merge(mask, inner, grads), clip), type(state)(inner_state=inner_state)
+
+
+def _partition(closure: dict, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+  """``optax.multi_transform`` (``optax.partition``): each group steps its own leaves."""
+  labels = closure["param_labels"]
+  labels = labels(grads) if callable(labels) else labels
+  inner_states = getattr(state, "inner_states", None)
+  transforms = closure["transforms"]
+  if not isinstance(inner_states, dict) or set(inner_states) != set(transforms):
+    raise Unsupported("opt_state is not the state optax.multi_transform builds")
+  outcome, new_states = grads, {}
+  for group, tx in transforms.items():
+    mask = closure["make_mask"](labels, group)
+    group_state = inner_states[group]
+    inner, inner_state = _masked_group(
+      optax.with_extra_args_support(tx).update, mask, grads, group_state.inner_state, params, clip
+    )
+    outcome = _merge(mask, inner, outcome)
+    new_states[group] = type(group_state)(inner_state=inner_state)
+  return _leftovers(outcome, clip), type(state)(new_states)
+
+
+# ---- gradient accumulation ----------------------------------------------------------------
+
+
+def _multi_steps(ms: optax.MultiSteps, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+  """``optax.MultiSteps``: gradients accumulate as Optax accumulates them; the kernel runs
+  only on the steps that apply (``lax.cond``), and the others leave the parameters as
+  they are."""
+  grads = materialize(grads, clip)
+  k_steps = ms._every_k_schedule(state.gradient_step)
+  should_skip, skip_state = ms._should_skip_update_fn(grads, state.gradient_step, params)
+
+  def do_update(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    acc_grads = jax.tree.map(
+      lambda upd, acc: ms._acc_update(upd, acc, n_acc=state.mini_step), grads, state.acc_grads
+    )
+    emit = state.mini_step == (k_steps - 1)
+
+    def apply(params: Any, inner_state: Any) -> tuple[Any, Any]:
+      inner_grads = optax.tree.cast_like(acc_grads, grads)
+      outcome, new_inner = _walk(ms._opt.update, inner_grads, inner_state, params, None)
+      return _finish(params, outcome), new_inner
+
+    def hold(params: Any, inner_state: Any) -> tuple[Any, Any]:
+      return params, inner_state
+
+    new_params, inner_state = jax.lax.cond(emit, apply, hold, params, state.inner_opt_state)
+    new_state = type(state)(
+      mini_step=optax.safe_increment(state.mini_step) % k_steps,
+      gradient_step=emit * optax.safe_increment(state.gradient_step)
+      + (1 - emit) * state.gradient_step,
+      inner_opt_state=inner_state,
+      acc_grads=jax.tree.map(
+        lambda ga: jnp.astype((1 - emit) * ga, ms._accumulator_dtype), acc_grads
+      ),
+      skip_state=skip_state,
+    )
+    return new_params, new_state
+
+  def skip(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    del grads
+    return params, state._replace(skip_state=skip_state)
+
+  new_params, new_state = jax.lax.cond(should_skip, skip, do_update, grads, state, params)
+  return jax.tree.map(Written, new_params), new_state
+
+
+_HANDLERS: dict[str, Callable[..., tuple]] = {
+  "chain": _chain,
+  "inject_hyperparams": _inject_hyperparams,
+  "masked": _masked,
+  "partition": _partition,
+}
+
+
+def contains_alias(tx: Any, depth: int = 8) -> bool:
+  """Whether ``tx`` holds an AMSGrad alias anywhere inside (through closures, wrapper
+  attributes and containers), for deciding whether a fallback deserves a warning."""
+  seen: set[int] = set()
+
+  def visit(obj: Any, depth: int) -> bool:
+    if depth < 0 or id(obj) in seen:
+      return False
+    seen.add(id(obj))
+    if isinstance(getattr(obj, OPTIONS_ATTRIBUTE, None), AliasOptions):
+      return True
+    if isinstance(getattr(obj, "options", None), AliasOptions):
+      return True
+    if isinstance(obj, dict):
+      return any(visit(v, depth - 1) for v in obj.values())
+    if isinstance(obj, list | tuple):
+      return any(visit(v, depth - 1) for v in obj)
+    if inspect.ismethod(obj):
+      return visit(vars(obj.__self__), depth - 1)
+    if inspect.isfunction(obj):
+      cells = [cell.cell_contents for cell in obj.__closure__ or () if _filled(cell)]
+      return any(visit(v, depth - 1) for v in cells)
+    if isinstance(obj, optax.MultiSteps):
+      return visit(vars(obj), depth - 1)
+    return False
+
+  return visit(tx, depth)
+
+
+def _filled(cell: Any) -> bool:
+  try:
+    cell.cell_contents  # noqa: B018
+  except ValueError:
+    return False
+  return True
