@@ -44,6 +44,7 @@ PAGES = sorted(
   if not any(part.startswith("_") for part in page.relative_to(DOCS).parts)
 )
 RUNNABLE_PAGES = [page for page in PAGES if PYTHON_BLOCK.search((DOCS / page).read_text())]
+CODE_COLUMN = 88
 # Measured times and rates belong to the benchmarks page alone; the others link to it.
 MEASUREMENT = re.compile(r"\d\s*(?:ms|µs|us|ns|GB/s|MB/s)\b|\bratios?\b[^.\n]*\d\.\d")
 
@@ -123,8 +124,10 @@ def test_public_classes_document_every_field(name):
   assert docstring.splitlines()[0].strip(), f"{name}: no summary"
   if hasattr(cls, "_fields"):
     fields = cls._fields
-  else:
+  elif dataclasses.is_dataclass(cls):
     fields = tuple(field.name for field in dataclasses.fields(cls))
+  else:
+    fields = ()  # a warning category, say
   attributes = docstring.split("Attributes:")[1] if "Attributes:" in docstring else ""
   for field in fields:
     assert re.search(rf"^\s+{field}:", attributes, re.M), f"{name}: Attributes misses {field}"
@@ -140,6 +143,32 @@ def test_every_page_is_in_a_toctree_and_every_figure_exists():
   for page in PAGES:
     for image in re.findall(r"\{(?:figure|image)\}\s+(\S+)", (DOCS / page).read_text()):
       assert (DOCS / page).parent.joinpath(image).is_file(), f"{page} shows a missing {image}"
+
+
+def listings(text: str) -> list[list[str]]:
+  """The lines of each code listing: fenced blocks of a language or {code-block}, not the
+  fences of other directives ({figure}, {toctree}, {eval-rst}, ...)."""
+  found: list[list[str]] = []
+  lines: list[str] | None = None
+  for line in text.splitlines():
+    if not line.startswith("```"):
+      if lines is not None:
+        lines.append(line)
+    elif lines is None:
+      lines, is_code = [], bool(re.fullmatch(r"\w*|\{code-block\}.*", line[3:].strip()))
+    else:
+      if is_code:
+        found.append(lines)
+      lines = None
+  return found
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_code_listings_fit_the_text_column(page):
+  """Furo's column holds 90 characters of code; a longer line hides behind a scroll bar."""
+  for listing in listings((DOCS / page).read_text()):
+    for line in listing:
+      assert len(line) <= CODE_COLUMN, f"{page}: {len(line)} characters: {line}"
 
 
 @pytest.mark.parametrize("page", [page for page in PAGES if page != "benchmarks.md"])
