@@ -20,7 +20,7 @@ import optax
 from amsgrad_jax import _numerics
 
 
-def _all_finite(*trees: Any) -> jax.Array:
+def all_finite(*trees: Any) -> jax.Array:
   """Whether every floating or complex leaf of ``trees`` is finite (``True`` when none)."""
   checks = [
     jnp.all(jnp.isfinite(leaf))
@@ -95,7 +95,7 @@ def skip_nonfinite(
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.ApplyIfFiniteState]:
     new_updates, new_inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    is_finite = _all_finite(updates, new_updates, new_inner_state)
+    is_finite = all_finite(updates, new_updates, new_inner_state)
     notfinite_count = jnp.where(
       is_finite, jnp.zeros([], jnp.int32), _numerics.safe_increment(state.notfinite_count)
     )
@@ -115,4 +115,6 @@ def skip_nonfinite(
       )
     )
 
+  # What apply_step reads to run the guarded step natively.
+  update_fn.amsgrad_jax_guard = (inner, max_consecutive_errors)  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -39,8 +39,56 @@ class GradScale(NamedTuple):
   max_norm: Any
 
 
+def alias_check(plan: Plan, grads: Any, params: Any, clip: GradScale | None) -> jax.Array:
+  """Whether the alias's step would leave the gradient, its update and its stored state
+  finite (what :func:`~amsgrad_jax.skip_nonfinite` looks at), read by the kernel without
+  writing anything."""
+  state: ScaleByAmsgradState = plan.opt_state[plan.amsgrad_index]
+  scalars_for = _scalars(plan, clip)
+  leaves = list(
+    zip(
+      *(jax.tree.leaves(t) for t in (params, grads, state.mu, state.nu, state.nu_max)), strict=True
+    )
+  )
+  flags = [jnp.ones((), np.int32)]
+  for (param_dtype, mu_dtype, nu_dtype, mode), indices in _groups(leaves, plan.decay).items():
+    scalars = scalars_for(param_dtype, mu_dtype, nu_dtype)
+    for start in range(0, len(indices), LEAVES_PER_CALL):
+      batch = [leaves[i] for i in indices[start : start + LEAVES_PER_CALL]]
+      flags.append(_interface.check_call(scalars, batch, mode))
+  return jnp.all(jnp.stack(flags) == 1)
+
+
+def _groups(leaves: list[tuple[jax.Array, ...]], decay: list[Decay]) -> dict[tuple, list[int]]:
+  """Leaf indices by (param, mu, nu dtype, decay mode): one kernel call each (or more)."""
+  groups: dict[tuple[Any, ...], list[int]] = {}
+  for index, (p, _, mu, nu, _) in enumerate(leaves):
+    if p.size == 0:
+      continue
+    key = (np.dtype(p.dtype), np.dtype(mu.dtype), np.dtype(nu.dtype), decay[index])
+    groups.setdefault(key, []).append(index)
+  return groups
+
+
 def alias_step(plan: Plan, grads: Any, params: Any, clip: GradScale | None) -> tuple[Any, tuple]:
   """One alias's step in the kernel: its new parameters and its new (chain) state."""
+  state: ScaleByAmsgradState = plan.opt_state[plan.amsgrad_index]
+  count = _numerics.safe_increment(state.count)
+  scalars_for = _scalars(plan, clip)
+  step = _flat_layout_step if isinstance(state.mu, FlatMoment) else _tree_layout_step
+  new_params, mu, nu, nu_max = step(state, grads, params, plan.decay, scalars_for)
+  new_state = list(plan.opt_state)
+  new_state[plan.amsgrad_index] = ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+  if plan.schedule_index is not None:
+    schedule_state = plan.opt_state[plan.schedule_index]
+    new_state[plan.schedule_index] = optax.ScaleByScheduleState(
+      count=optax.safe_increment(schedule_state.count)
+    )
+  return new_params, tuple(new_state)
+
+
+def _scalars(plan: Plan, clip: GradScale | None) -> Callable[..., jax.Array]:
+  """``(param dtype, mu dtype, nu dtype) -> the kernel's scalars`` for this step."""
   options = plan.options
   state: ScaleByAmsgradState = plan.opt_state[plan.amsgrad_index]
   count = _numerics.safe_increment(state.count)
@@ -72,16 +120,7 @@ def alias_step(plan: Plan, grads: Any, params: Any, clip: GradScale | None) -> t
     }
     return jnp.stack([jnp.asarray(values[name]).astype(compute) for name in _interface.SCALARS])
 
-  step = _flat_layout_step if isinstance(state.mu, FlatMoment) else _tree_layout_step
-  new_params, mu, nu, nu_max = step(state, grads, params, plan.decay, scalars_for)
-  new_state = list(plan.opt_state)
-  new_state[plan.amsgrad_index] = ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
-  if plan.schedule_index is not None:
-    schedule_state = plan.opt_state[plan.schedule_index]
-    new_state[plan.schedule_index] = optax.ScaleByScheduleState(
-      count=optax.safe_increment(schedule_state.count)
-    )
-  return new_params, tuple(new_state)
+  return scalars_for
 
 
 def _tree_layout_step(
@@ -98,14 +137,7 @@ def _tree_layout_step(
   leaves = list(zip(*columns, strict=True))
   results: list[tuple[jax.Array, ...]] = [(p, mu, nu, nu_max) for p, _, mu, nu, nu_max in leaves]
 
-  groups: dict[tuple[Any, ...], list[int]] = {}
-  for index, (p, _, mu, nu, _) in enumerate(leaves):
-    if p.size == 0:
-      continue
-    key = (np.dtype(p.dtype), np.dtype(mu.dtype), np.dtype(nu.dtype), decay[index])
-    groups.setdefault(key, []).append(index)
-
-  for (param_dtype, mu_dtype, nu_dtype, mode), indices in groups.items():
+  for (param_dtype, mu_dtype, nu_dtype, mode), indices in _groups(leaves, decay).items():
     scalars = scalars_for(param_dtype, mu_dtype, nu_dtype)
     for start in range(0, len(indices), LEAVES_PER_CALL):
       batch = indices[start : start + LEAVES_PER_CALL]

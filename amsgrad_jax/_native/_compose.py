@@ -18,8 +18,9 @@ costs the one read pass that computing the norm needs.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from amsgrad_jax import _guard, _numerics
 from amsgrad_jax._aliases import OPTIONS_ATTRIBUTE
-from amsgrad_jax._native._alias_step import GradScale, alias_step
+from amsgrad_jax._native._alias_step import GradScale, alias_check, alias_step
 from amsgrad_jax._native._plan import Fallback, plan
 from amsgrad_jax._options import AliasOptions
 
@@ -119,6 +121,10 @@ def _walk(fn: Any, grads: Any, state: Any, params: Any, clip: GradScale | None) 
   options = getattr(fn, OPTIONS_ATTRIBUTE, None)
   if isinstance(options, AliasOptions):
     return _alias(options, grads, state, params, clip)
+  guard = getattr(fn, "amsgrad_jax_guard", None)
+  if guard is not None:
+    inner, max_errors = guard
+    return _skip_nonfinite(inner, max_errors, grads, state, params, clip)
   self = getattr(fn, "__self__", None)
   if isinstance(self, optax.MultiSteps) and fn.__name__ == "update":
     return _multi_steps(self, grads, state, params, clip)
@@ -179,7 +185,7 @@ def _is_clip_by_global_norm(fn: Any) -> bool:
   return _optax_kind(_unwrap(fn)) == "clip_by_global_norm"
 
 
-def _chain(closure: dict, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+def _chain(closure: Mapping[str, Any], grads: Any, state: Any, params: Any, clip: Any) -> tuple:
   """``optax.chain``: what precedes the last transformation runs in JAX on the gradients
   (a global-norm clip right before it is deferred to the kernel); the last one walks."""
   update_fns = list(closure["update_fns"])
@@ -202,9 +208,21 @@ def _chain(closure: dict, grads: Any, state: Any, params: Any, clip: Any) -> tup
 # ---- injected hyperparameters -------------------------------------------------------------
 
 
-def _inject_hyperparams(closure: dict, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+def _inject_hyperparams(
+  closure: Mapping[str, Any], grads: Any, state: Any, params: Any, clip: Any
+) -> tuple:
   """``optax.inject_hyperparams``: the hyperparameters as Optax forms them each step; the
   inner optimizer is rebuilt from them, so they reach the kernel as operands."""
+  new_state = _inject_hyperparams_state(closure, state, params)
+  inner = optax.with_extra_args_support(
+    closure["inner_factory"](**closure["other_hps"], **new_state.hyperparams)
+  )
+  outcome, inner_state = _walk(inner.update, grads, state.inner_state, params, clip)
+  return outcome, new_state._replace(inner_state=inner_state)
+
+
+def _inject_hyperparams_state(closure: Mapping[str, Any], state: Any, params: Any) -> Any:
+  """The wrapper's new state, its old inner state inside: this step's hyperparameters."""
   from optax.schedules import _inject  # the same conversion the wrapper applies
 
   fields = ("count", "hyperparams", "hyperparams_states", "inner_state")
@@ -221,14 +239,11 @@ def _inject_hyperparams(closure: dict, grads: Any, state: Any, params: Any, clip
       for k, f in sched_hps.items()
     }
   )
-  hyperparams_states = {k: f.update(state.hyperparams_states[k]) for k, f in sched_hps.items()}
-  inner = optax.with_extra_args_support(closure["inner_factory"](**closure["other_hps"], **hparams))
-  outcome, inner_state = _walk(inner.update, grads, state.inner_state, params, clip)
-  return outcome, type(state)(
+  return type(state)(
     count=optax.safe_increment(state.count),
     hyperparams=hparams,
-    hyperparams_states=hyperparams_states,
-    inner_state=inner_state,
+    hyperparams_states={k: f.update(state.hyperparams_states[k]) for k, f in sched_hps.items()},
+    inner_state=state.inner_state,
   )
 
 
@@ -267,7 +282,7 @@ def _leftovers(outcome: Any, clip: GradScale | None) -> Any:
   )
 
 
-def _masked(closure: dict, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+def _masked(closure: Mapping[str, Any], grads: Any, state: Any, params: Any, clip: Any) -> tuple:
   """``optax.masked``: the inner optimizer steps the masked leaves; the others pass their
   gradient through as the update, as in Optax."""
   mask = closure["mask"]
@@ -280,7 +295,7 @@ def _masked(closure: dict, grads: Any, state: Any, params: Any, clip: Any) -> tu
   return _leftovers(_merge(mask, inner, grads), clip), type(state)(inner_state=inner_state)
 
 
-def _partition(closure: dict, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+def _partition(closure: Mapping[str, Any], grads: Any, state: Any, params: Any, clip: Any) -> tuple:
   """``optax.multi_transform`` (``optax.partition``): each group steps its own leaves."""
   labels = closure["param_labels"]
   labels = labels(grads) if callable(labels) else labels
@@ -346,6 +361,83 @@ def _multi_steps(ms: optax.MultiSteps, grads: Any, state: Any, params: Any, clip
   return jax.tree.map(Written, new_params), new_state
 
 
+# ---- the non-finite guard ------------------------------------------------------------------
+
+
+def _skip_nonfinite(
+  inner: Any, max_errors: int, grads: Any, state: Any, params: Any, clip: Any
+) -> tuple:
+  """:func:`~amsgrad_jax.skip_nonfinite`: the kernel first reads the step without writing
+  (does it leave everything finite?), then runs it only if accepted (``lax.cond``); a
+  rejected step leaves the parameters and the state exactly as they were."""
+  inner_update = optax.with_extra_args_support(inner).update
+  is_finite = _guard.all_finite(grads) & _finite_step(
+    inner_update, grads, state.inner_state, params, clip
+  )
+  notfinite_count = jnp.where(
+    is_finite, jnp.zeros([], jnp.int32), _numerics.safe_increment(state.notfinite_count)
+  )
+  accept = is_finite | (notfinite_count > max_errors)
+
+  def run(params: Any, inner_state: Any) -> tuple[Any, Any]:
+    outcome, new_inner = _walk(inner_update, grads, inner_state, params, clip)
+    return _finish(params, outcome), new_inner
+
+  def hold(params: Any, inner_state: Any) -> tuple[Any, Any]:
+    return params, inner_state
+
+  new_params, inner_state = jax.lax.cond(accept, run, hold, params, state.inner_state)
+  new_state = type(state)(
+    notfinite_count=notfinite_count,
+    last_finite=is_finite,
+    total_notfinite=jnp.where(
+      is_finite, state.total_notfinite, _numerics.safe_increment(state.total_notfinite)
+    ),
+    inner_state=inner_state,
+  )
+  return jax.tree.map(Written, new_params), new_state
+
+
+def _finite_step(fn: Any, grads: Any, state: Any, params: Any, clip: Any) -> jax.Array:
+  """Whether the step of ``fn`` would leave its updates and new state finite, computed
+  without taking it: the kernel reads the alias's buffers, JAX checks the rest."""
+  fn = _unwrap(fn)
+  options = getattr(fn, OPTIONS_ATTRIBUTE, None)
+  if isinstance(options, AliasOptions):
+    decision = plan(options, grads, state, params)
+    if isinstance(decision, Fallback):
+      raise Unsupported(decision.reason)
+    if not isinstance(
+      decision.opt_state[decision.amsgrad_index].mu, jax.Array | dict | list | tuple
+    ) or (type(decision.opt_state[decision.amsgrad_index].mu).__name__ == "FlatMoment"):
+      raise Unsupported("skip_nonfinite around an alias with flat_state=True")
+    return alias_check(decision, grads, params, clip)
+  kind = _optax_kind(fn)
+  closure = inspect.getclosurevars(fn).nonlocals if kind is not None else {}
+  if kind == "chain":
+    update_fns = list(closure["update_fns"])
+    *before, last = update_fns
+    finite = jnp.array(True)
+    for index, pre in enumerate(before):
+      if _is_clip_by_global_norm(pre) and index == len(before) - 1:
+        grads = materialize(grads, clip)
+        clip = _clip_scale(inspect.getclosurevars(_unwrap(pre)).nonlocals["max_norm"], grads)
+        continue
+      grads, pre_state = pre(materialize(grads, clip), state[index], params)
+      finite = finite & _guard.all_finite(pre_state)
+      clip = None
+    return finite & _finite_step(last, grads, state[-1], params, clip)
+  if kind == "inject_hyperparams":
+    # The same hyperparameters the step computes (XLA computes them once for both).
+    new_state = _inject_hyperparams_state(closure, state, params)
+    inner = optax.with_extra_args_support(
+      closure["inner_factory"](**closure["other_hps"], **new_state.hyperparams)
+    )
+    finite = _guard.all_finite(new_state.hyperparams)
+    return finite & _finite_step(inner.update, grads, state.inner_state, params, clip)
+  raise Unsupported(f"skip_nonfinite around {_describe(fn)} does not run natively")
+
+
 _HANDLERS: dict[str, Callable[..., tuple]] = {
   "chain": _chain,
   "inject_hyperparams": _inject_hyperparams,
@@ -357,12 +449,18 @@ _HANDLERS: dict[str, Callable[..., tuple]] = {
 def contains_alias(tx: Any, depth: int = 8) -> bool:
   """Whether ``tx`` holds an AMSGrad alias anywhere inside (through closures, wrapper
   attributes and containers), for deciding whether a fallback deserves a warning."""
+  from amsgrad_jax._aliases import amsgrad, amsgradw  # what inject_hyperparams holds
+
   seen: set[int] = set()
 
   def visit(obj: Any, depth: int) -> bool:
     if depth < 0 or id(obj) in seen:
       return False
     seen.add(id(obj))
+    if obj is amsgrad or obj is amsgradw:
+      return True
+    if isinstance(obj, functools.partial):
+      return visit(obj.func, depth - 1)
     if isinstance(getattr(obj, OPTIONS_ATTRIBUTE, None), AliasOptions):
       return True
     if isinstance(getattr(obj, "options", None), AliasOptions):

@@ -16,7 +16,11 @@ Two FFI targets, one per state layout:
   :data:`FLAT_STATE` buffers, then :data:`FLAT_LEAF_OPERANDS` for every leaf; results the
   :data:`FLAT_STATE` buffers, then :data:`FLAT_LEAF_RESULTS` for every leaf.
 
-Both take the attribute ``decay`` (a :class:`Decay`); the flat one also ``offsets``, each
+* ``amsgrad_jax_check`` (the guard of :func:`~amsgrad_jax.skip_nonfinite`): the tree
+  target's operands, nothing written; one ``int32`` result, 1 when the step would leave the
+  gradient, the update and the stored state finite.
+
+All take the attribute ``decay`` (a :class:`Decay`); the flat one also ``offsets``, each
 leaf's first element in the state buffers.
 """
 
@@ -31,8 +35,13 @@ import numpy as np
 
 TREE_TARGET = "amsgrad_jax_step"
 FLAT_TARGET = "amsgrad_jax_step_flat"
+CHECK_TARGET = "amsgrad_jax_check"
 # The exported symbol of each target's handler.
-HANDLERS = {TREE_TARGET: "AmsgradJaxStep", FLAT_TARGET: "AmsgradJaxStepFlat"}
+HANDLERS = {
+  TREE_TARGET: "AmsgradJaxStep",
+  FLAT_TARGET: "AmsgradJaxStepFlat",
+  CHECK_TARGET: "AmsgradJaxCheck",
+}
 DESCRIBE_SYMBOL = "AmsgradJaxInterface"
 
 # The step's scalars, in order, in the compute dtype (see the kernel's header comment).
@@ -78,6 +87,7 @@ def description() -> str:
     "flat_state": FLAT_STATE,
     "flat_leaf_operands": FLAT_LEAF_OPERANDS,
     "flat_leaf_results": FLAT_LEAF_RESULTS,
+    "check_results": ("finite",),
     "decay": tuple(f"{code.name.lower()}={code.value}" for code in Decay),
   }
   return ";".join(f"{key}={','.join(values)}" for key, values in parts.items())
@@ -182,3 +192,14 @@ def flat_call(
   )
   flat = call(scalars, *operands, decay=np.int64(decay), offsets=np.asarray(offsets, np.int64))
   return tuple(flat[:num_state]), list(flat[num_state:])
+
+
+def check_call(
+  scalars: jax.Array, leaves: Sequence[tuple[jax.Array, ...]], decay: Decay
+) -> jax.Array:
+  """Whether the step of ``leaves`` (each its :data:`TREE_OPERANDS`) would leave every value
+  the guard looks at finite: an ``int32`` scalar, 1 or 0."""
+  call = jax.ffi.ffi_call(
+    CHECK_TARGET, jax.ShapeDtypeStruct((), np.int32), vmap_method="sequential"
+  )
+  return call(scalars, *(x for leaf in leaves for x in leaf), decay=np.int64(decay))

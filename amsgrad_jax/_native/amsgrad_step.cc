@@ -128,8 +128,14 @@ inline C MulAdd(C x, C y, C z) {
 
 // ---- the step --------------------------------------------------------------------------
 
-template <typename P, typename M, typename N, typename C, int64_t kDecay>
-void StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_raw,
+// Whether x is finite: x - x is 0 for a finite x and NaN for inf or NaN (vectorises).
+template <typename C>
+inline bool Finite(C x) { return (x - x) == C(0); }
+
+// kCheck: write nothing; return whether the step would leave every value the guard
+// (skip_nonfinite) looks at finite: the gradient, the update and the stored state.
+template <typename P, typename M, typename N, typename C, int64_t kDecay, bool kCheck>
+bool StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_raw,
                void* nu_max_raw, size_t begin, size_t end, const void* scalars_raw) {
   P* __restrict__ params = static_cast<P*>(params_raw);
   const P* __restrict__ grads = static_cast<const P*>(grads_raw);
@@ -143,6 +149,7 @@ void StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_r
   const C a = s[kScalarNuScale], b = s[kScalarMuScale], d = s[kScalarRootScale];
   const C neg_lr = s[kScalarNegLr], weight_decay = s[kScalarWeightDecay];
   const C grad_divisor = s[kScalarGradDivisor], grad_multiplier = s[kScalarGradMultiplier];
+  bool finite = true;
   for (size_t i = begin; i < end; ++i) {
     const C p = Load<C>(params[i]);
     // A global-norm clip, as optax.clip_by_global_norm forms it: (g / norm) * max_norm in P.
@@ -164,61 +171,73 @@ void StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_r
     const C denominator = std::fma(d, std::sqrt(v_max + eps_root), eps);
     C u = Through<P>((b * m) / denominator);
     if constexpr (kDecay == kDecayDecoupled) u = MulAdd<P>(weight_decay, p, u);
-    params[i] = Nearest<P>(MulAdd<P>(neg_lr, u, p));
-    mu[i] = Nearest<M>(m);
-    nu[i] = Nearest<N>(v);
-    nu_max[i] = Upward<N>(v_max);
+    if constexpr (kCheck) {
+      finite &= Finite(g) & Finite(Through<P>(neg_lr * u)) & Finite(Load<C>(Nearest<M>(m))) &
+                Finite(Load<C>(Nearest<N>(v))) & Finite(Load<C>(Upward<N>(v_max)));
+    } else {
+      params[i] = Nearest<P>(MulAdd<P>(neg_lr, u, p));
+      mu[i] = Nearest<M>(m);
+      nu[i] = Nearest<N>(v);
+      nu_max[i] = Upward<N>(v_max);
+    }
+  }
+  return finite;
+}
+
+using StepFn = bool (*)(void*, const void*, void*, void*, void*, size_t, size_t, const void*);
+
+template <typename P, typename M, typename N, typename C, bool kCheck>
+StepFn ForDecay(int64_t decay) {
+  switch (decay) {
+    case kDecayNone: return &StepRange<P, M, N, C, kDecayNone, kCheck>;
+    case kDecayCoupled: return &StepRange<P, M, N, C, kDecayCoupled, kCheck>;
+    case kDecayDecoupled: return &StepRange<P, M, N, C, kDecayDecoupled, kCheck>;
+    default: return nullptr;
   }
 }
 
-using StepFn = void (*)(void*, const void*, void*, void*, void*, size_t, size_t, const void*);
-
 template <typename P, typename M, typename N, typename C>
-StepFn ForDecay(int64_t decay) {
-  switch (decay) {
-    case kDecayNone: return &StepRange<P, M, N, C, kDecayNone>;
-    case kDecayCoupled: return &StepRange<P, M, N, C, kDecayCoupled>;
-    case kDecayDecoupled: return &StepRange<P, M, N, C, kDecayDecoupled>;
-    default: return nullptr;
-  }
+StepFn ForMode(int64_t decay, bool check) {
+  return check ? ForDecay<P, M, N, C, true>(decay) : ForDecay<P, M, N, C, false>(decay);
 }
 
 // Storage dtypes all in {bf16, f32} compute in float; all in {f32, f64} with an f64
 // compute in double. (bfloat16 next to float64 is left to the JAX path.)
 template <typename P, typename M>
-StepFn ForNu32(ffi::DataType n, int64_t decay) {
+StepFn ForNu32(ffi::DataType n, int64_t decay, bool check) {
   switch (n) {
-    case ffi::DataType::BF16: return ForDecay<P, M, bf16, float>(decay);
-    case ffi::DataType::F32: return ForDecay<P, M, float, float>(decay);
+    case ffi::DataType::BF16: return ForMode<P, M, bf16, float>(decay, check);
+    case ffi::DataType::F32: return ForMode<P, M, float, float>(decay, check);
     default: return nullptr;
   }
 }
 
 template <typename P, typename M>
-StepFn ForNu64(ffi::DataType n, int64_t decay) {
+StepFn ForNu64(ffi::DataType n, int64_t decay, bool check) {
   switch (n) {
-    case ffi::DataType::F32: return ForDecay<P, M, float, double>(decay);
-    case ffi::DataType::F64: return ForDecay<P, M, double, double>(decay);
+    case ffi::DataType::F32: return ForMode<P, M, float, double>(decay, check);
+    case ffi::DataType::F64: return ForMode<P, M, double, double>(decay, check);
     default: return nullptr;
   }
 }
 
-StepFn SelectStep(ffi::DataType p, ffi::DataType m, ffi::DataType n, int64_t decay) {
+StepFn SelectStep(ffi::DataType p, ffi::DataType m, ffi::DataType n, int64_t decay,
+                  bool check = false) {
   using T = ffi::DataType;
   const bool narrow = (p == T::BF16 || m == T::BF16 || n == T::BF16);
   const bool wide = (p == T::F64 || m == T::F64 || n == T::F64);
   if (narrow && wide) return nullptr;
   if (!wide) {
-    if (p == T::BF16 && m == T::BF16) return ForNu32<bf16, bf16>(n, decay);
-    if (p == T::BF16 && m == T::F32) return ForNu32<bf16, float>(n, decay);
-    if (p == T::F32 && m == T::BF16) return ForNu32<float, bf16>(n, decay);
-    if (p == T::F32 && m == T::F32) return ForNu32<float, float>(n, decay);
+    if (p == T::BF16 && m == T::BF16) return ForNu32<bf16, bf16>(n, decay, check);
+    if (p == T::BF16 && m == T::F32) return ForNu32<bf16, float>(n, decay, check);
+    if (p == T::F32 && m == T::BF16) return ForNu32<float, bf16>(n, decay, check);
+    if (p == T::F32 && m == T::F32) return ForNu32<float, float>(n, decay, check);
     return nullptr;
   }
-  if (p == T::F32 && m == T::F32) return ForNu64<float, float>(n, decay);
-  if (p == T::F32 && m == T::F64) return ForNu64<float, double>(n, decay);
-  if (p == T::F64 && m == T::F32) return ForNu64<double, float>(n, decay);
-  if (p == T::F64 && m == T::F64) return ForNu64<double, double>(n, decay);
+  if (p == T::F32 && m == T::F32) return ForNu64<float, float>(n, decay, check);
+  if (p == T::F32 && m == T::F64) return ForNu64<float, double>(n, decay, check);
+  if (p == T::F64 && m == T::F32) return ForNu64<double, float>(n, decay, check);
+  if (p == T::F64 && m == T::F64) return ForNu64<double, double>(n, decay, check);
   return nullptr;
 }
 
@@ -246,15 +265,18 @@ struct Work {
   alignas(16) unsigned char scalars[kNumScalars * sizeof(double)];
   std::atomic<size_t> next{0};
   std::atomic<size_t> done{0};
+  std::atomic<bool> finite{true};
 
   void Drain() {
     size_t finished = 0;
+    bool all_finite = true;
     for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();) {
       const Chunk& c = chunks[i];
       const Leaf& l = leaves[c.leaf];
-      step(l.params, l.grads, l.mu, l.nu, l.nu_max, c.begin, c.end, scalars);
+      all_finite &= step(l.params, l.grads, l.mu, l.nu, l.nu_max, c.begin, c.end, scalars);
       ++finished;
     }
+    if (!all_finite) finite.store(false, std::memory_order_relaxed);
     if (finished) done.fetch_add(finished, std::memory_order_release);
   }
 };
@@ -373,6 +395,46 @@ ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scala
   return RunOnPool(pool, work, sizes);
 }
 
+// The check's result: an int32 scalar, 1 when every value looked at is finite.
+using FiniteFlag = ffi::Buffer<ffi::DataType::S32, 0>;
+
+// The guard's check: the tree layout's operands, nothing written; the result is 1 when the
+// step would leave the gradient, the update and the stored state finite, else 0.
+ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scalars,
+                        ffi::RemainingArgs args, ffi::Result<FiniteFlag> finite) {
+  if (args.size() % kTreeOperandsPerLeaf != 0) {
+    return ffi::Error::InvalidArgument("amsgrad_jax_check: wrong number of operands");
+  }
+  auto made = NewWork(scalars);
+  if (made.has_error()) return made.error();
+  std::shared_ptr<Work> work = *made;
+  const size_t num_leaves = args.size() / kTreeOperandsPerLeaf;
+  std::vector<size_t> sizes;
+  for (size_t i = 0; i < num_leaves; ++i) {
+    auto in = [&](int k) { return Operand(args, i, kTreeOperandsPerLeaf, k); };
+    const ffi::AnyBuffer params = in(kTreeOperandParams);
+    const size_t n = params.element_count();
+    bool shapes_match = true;
+    for (int k = 0; k < kTreeOperandsPerLeaf; ++k) shapes_match &= in(k).element_count() == n;
+    if (!shapes_match || in(kTreeOperandGrads).element_type() != params.element_type() ||
+        in(kTreeOperandNuMax).element_type() != in(kTreeOperandNu).element_type()) {
+      return ffi::Error::InvalidArgument("amsgrad_jax_check: unsupported dtypes or shapes");
+    }
+    StepFn step = SelectStep(params.element_type(), in(kTreeOperandMu).element_type(),
+                             in(kTreeOperandNu).element_type(), decay, /*check=*/true);
+    if (!AcceptStep(*work, i, step)) {
+      return ffi::Error::InvalidArgument("amsgrad_jax_check: one call takes one dtype group");
+    }
+    work->leaves.push_back({params.untyped_data(), in(kTreeOperandGrads).untyped_data(),
+                            in(kTreeOperandMu).untyped_data(), in(kTreeOperandNu).untyped_data(),
+                            in(kTreeOperandNuMax).untyped_data()});
+    sizes.push_back(n);
+  }
+  ffi::Error error = RunOnPool(pool, work, sizes);
+  *finite->typed_data() = work->finite.load() ? 1 : 0;
+  return error;
+}
+
 // Flat layout: the group's FlatStateIndex buffers, then per leaf FlatLeafOperandIndex;
 // results: the state buffers, then per leaf FlatLeafResultIndex. Attribute `offsets`: each
 // leaf's first element in the state buffers.
@@ -454,6 +516,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlat, AmsgradStepFlat,
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
                                   .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxCheck, AmsgradCheck,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("decay")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .Ret<FiniteFlag>());
 
 // The interface this library was built with, for the loader to check.
 extern "C" __attribute__((visibility("default"))) const char* AmsgradJaxInterface() {
