@@ -145,10 +145,9 @@ def _optax_kind(fn: Any) -> str | None:
 
 
 def _describe(fn: Any) -> str:
-  kind = _optax_kind(fn)
-  if kind is not None:
-    return f"optax.{kind}"
   qualname = getattr(fn, "__qualname__", None) or type(fn).__name__
+  if (getattr(fn, "__module__", "") or "").startswith("optax."):
+    return f"optax.{qualname.split('.<locals>.')[0]}"
   return f"{getattr(fn, '__module__', '')}.{qualname}".strip(".")
 
 
