@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _peers import require
 from _sequences import gradient_sequence, initial_params
 from test_apply_step import STEPS, ULPS, native_kernel, worst_ulps
 
@@ -232,3 +233,38 @@ def test_derivatives_are_the_optax_paths(transform):
   ):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert np.all(np.isfinite(jax.tree.leaves(results["native"])[0]))
+
+
+def test_pytorch_parity_with_clipping_in_front():
+  """``clip_grad_norm_`` then ``AdamW(amsgrad=True)`` in PyTorch against
+  ``chain(clip_by_global_norm, amsgradw)`` through ``apply_step``. The two clips agree
+  below the threshold; above it PyTorch divides by ``norm + 1e-6`` where Optax divides by
+  ``norm``, a relative difference of ``1e-6 / norm`` in the gradient."""
+  torch = require("torch")
+  max_norm = 5.0
+  params0 = initial_params(np.float32, shapes=SHAPES)
+  grads = gradient_sequence(60, np.float32, shapes=SHAPES)
+  tensors = {name: torch.tensor(value, requires_grad=True) for name, value in params0.items()}
+  opt = torch.optim.AdamW(list(tensors.values()), lr=1e-2, weight_decay=0.1, amsgrad=True)
+  tx = optax.chain(
+    optax.clip_by_global_norm(max_norm), amsgrad_jax.amsgradw(1e-2, weight_decay=0.1)
+  )
+  params = jax.tree.map(jnp.asarray, params0)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: amsgrad_jax.apply_step(tx, g, s, p), donate_argnums=(0, 1))
+  assert "amsgrad_jax_step" in step.lower(params, state, params).as_text()
+  clipped = 0
+  for number, tree in enumerate(grads):
+    for name, tensor in tensors.items():
+      tensor.grad = torch.tensor(tree[name])
+    norm = float(torch.nn.utils.clip_grad_norm_(list(tensors.values()), max_norm))
+    clipped += norm > max_norm
+    opt.step()
+    params, state = step(params, state, jax.tree.map(jnp.asarray, tree))
+    for name, tensor in tensors.items():
+      expected = tensor.detach().numpy()
+      scale = float(np.max(np.abs(expected), initial=1e-30))
+      np.testing.assert_allclose(
+        params[name], expected, rtol=1e-5, atol=1e-5 * scale, err_msg=f"step {number + 1}"
+      )
+  assert 0 < clipped < len(grads)  # both sides of the threshold were exercised
