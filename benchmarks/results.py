@@ -54,11 +54,10 @@ def summarise(raw: dict[str, Any], plan: Plan) -> dict[str, Any]:
       continue
     versions |= rounds[0]["versions"]
     results[name] = {case.id: _entry(name, case.id, rounds) for case in plan.cases}
-  for case in plan.cases:
-    fused = results.get(TORCH_FUSED, {}).get(case.id)
-    for per_case in results.values():
-      if fused:
-        per_case[case.id]["vs_torch_fused"] = per_case[case.id]["median_ms"] / fused["median_ms"]
+  for per_case in results.values():
+    for case_id, entry in per_case.items():
+      if TORCH_FUSED in results:
+        entry["vs_torch_fused"] = entry["median_ms"] / results[TORCH_FUSED][case_id]["median_ms"]
   return {
     "machine": raw["machine"],
     "versions": versions,
@@ -71,7 +70,10 @@ def summarise(raw: dict[str, Any], plan: Plan) -> dict[str, Any]:
 
 
 def _range(median: float, low: float, high: float, form: str) -> str:
-  return f"{median:{form}} [{low:{form}}–{high:{form}}]"
+  def shown(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:{form}}"
+
+  return f"{shown(median)} [{shown(low)}–{shown(high)}]"
 
 
 def table(summary: dict[str, Any]) -> str:
