@@ -148,10 +148,10 @@ def scale_by_amsgrad(options: TransformOptions) -> optax.GradientTransformation:
   ============  ========================================  =====================================================================
   convention    :math:`\hat v_t`                          :math:`u_t`
   ============  ========================================  =====================================================================
-  ``pytorch``   :math:`\max(\hat v_{t-1}, v_t)`           :math:`\frac{m_t / c_1}{\sqrt{\hat v_t+\epsilon_r}/\sqrt{c_2}+\epsilon}`
-  ``keras``     :math:`\max(\hat v_{t-1}, v_t)`           :math:`\frac{\sqrt{c_2}}{c_1}\frac{m_t}{\sqrt{\hat v_t+\epsilon_r}+\epsilon}`
-  ``optax``     :math:`\max(\hat v_{t-1}, v_t / c_2)`     :math:`\frac{m_t / c_1}{\sqrt{\hat v_t+\epsilon_r}+\epsilon}`
-  ``paper``     :math:`\max(\hat v_{t-1}, v_t)`           :math:`\frac{m_t}{\sqrt{\hat v_t+\epsilon_r}+\epsilon}`
+  ``pytorch``   :math:`\max(\hat v_{t-1}, v_t)`           :math:`\dfrac{m_t / c_1}{\sqrt{\hat v_t+\epsilon_r}/\sqrt{c_2}+\epsilon}`
+  ``keras``     :math:`\max(\hat v_{t-1}, v_t)`           :math:`\dfrac{\sqrt{c_2}}{c_1}\dfrac{m_t}{\sqrt{\hat v_t+\epsilon_r}+\epsilon}`
+  ``optax``     :math:`\max(\hat v_{t-1}, v_t / c_2)`     :math:`\dfrac{m_t / c_1}{\sqrt{\hat v_t+\epsilon_r}+\epsilon}`
+  ``paper``     :math:`\max(\hat v_{t-1}, v_t)`           :math:`\dfrac{m_t}{\sqrt{\hat v_t+\epsilon_r}+\epsilon}`
   ============  ========================================  =====================================================================
 
   ``pytorch`` is ``torch.optim.Adam(amsgrad=True)``, ``keras`` is

@@ -85,18 +85,23 @@ def apply_step(
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
 
-  for any Optax transformation. When ``tx`` is built by :func:`amsgrad_jax.amsgrad` or
-  :func:`amsgrad_jax.amsgradw` (any rule, weight decay, mask, learning-rate schedule)
-  and the step runs on CPU with the native kernel available (:func:`native_status`),
-  the step is one pass over memory per dtype group of leaves: each parameter, its
-  gradient and its three state values are read once and written once,
+  for any Optax transformation. When ``tx`` holds an optimizer built by
+  :func:`amsgrad_jax.amsgrad` or :func:`amsgrad_jax.amsgradw` (any rule, weight decay,
+  mask, learning-rate schedule), alone or inside ``optax.chain`` (anything in front of
+  it), ``optax.clip_by_global_norm``, ``optax.inject_hyperparams``, ``optax.masked``,
+  ``optax.multi_transform``, ``optax.MultiSteps`` or :func:`amsgrad_jax.skip_nonfinite`,
+  and the step runs on CPU with the native kernel available, the AMSGrad part of the step
+  is one pass over memory per dtype group of leaves: each parameter, its gradient and its
+  three state values are read once and written once,
 
   .. math::
 
-    m \leftarrow \beta_1 m + (1-\beta_1) g, \quad
-    v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
-    \hat v \leftarrow \max(\hat v, a v), \quad
-    \theta \leftarrow \theta - \eta \frac{b\, m}{d \sqrt{\hat v + \epsilon_{root}} + \epsilon},
+    \begin{aligned}
+    m &\leftarrow \beta_1 m + (1-\beta_1) g, &
+    v &\leftarrow \beta_2 v + (1-\beta_2) g^2, \\
+    \hat v &\leftarrow \max(\hat v, a v), &
+    \theta &\leftarrow \theta - \eta \frac{b\, m}{d \sqrt{\hat v + \epsilon_{root}} + \epsilon},
+    \end{aligned}
 
   with the rule's coefficients :math:`a, b, d` (see :func:`amsgrad_jax.scale_by_amsgrad`),
   and every intermediate rounded as the jitted Optax chain rounds it. Parameters and state
@@ -107,6 +112,14 @@ def apply_step(
   many small leaves, build ``tx`` with ``flat_state=True``: the state is then three buffers
   per dtype instead of three arrays per leaf, which cuts the per-array cost of the jitted
   call (bit-identical results; see :func:`amsgrad_jax.scale_by_amsgrad`).
+
+  A global-norm clip right in front of the alias is applied by the kernel as it reads each
+  gradient, so it costs only the read that computing the norm needs. Whatever else runs
+  in front runs in JAX. :func:`native_status` with the optimizer says whether a step runs
+  natively and why not; when an optimizer with an alias inside takes the Optax path,
+  :class:`~amsgrad_jax.NativeFallbackWarning` says why, once per reason. Under
+  ``jax.grad``, ``jax.jvp`` or ``jax.linearize`` the step has the Optax path's derivatives,
+  and under ``jax.vmap`` it is the Optax path.
 
   Args:
     tx: an Optax transformation (natively stepped when built by our aliases).
