@@ -30,7 +30,9 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "amsgrad_interface.h"
@@ -351,47 +353,66 @@ ffi::AnyBuffer Result(ffi::RemainingRets& rets, size_t first, size_t leaf, int p
   return **rets.get<ffi::AnyBuffer>(first + leaf * per_leaf + k);
 }
 
-// State as one buffer per leaf: TreeOperandIndex and TreeResultIndex give the order.
-ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scalars,
-                       ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  if (args.size() % kTreeOperandsPerLeaf != 0 ||
-      rets.size() * kTreeOperandsPerLeaf != args.size() * kTreeResultsPerLeaf) {
-    return ffi::Error::InvalidArgument("amsgrad_jax_step: wrong number of operands or results");
-  }
-  auto made = NewWork(scalars);
-  if (made.has_error()) return made.error();
-  std::shared_ptr<Work> work = *made;
+// Fills `work` with every leaf of the tree layout's operands (TreeOperandIndex order) and
+// returns their sizes in `sizes`. With `rets` (the step) each leaf's results
+// (TreeResultIndex order) start from its operands and are updated in place; without (the
+// check) nothing is written and the operands are read only.
+ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* rets,
+                      int64_t decay, std::vector<size_t>& sizes) {
+  const char* name = rets ? "amsgrad_jax_step" : "amsgrad_jax_check";
   const size_t num_leaves = args.size() / kTreeOperandsPerLeaf;
-  work->leaves.reserve(num_leaves);
-  std::vector<size_t> sizes;
-  sizes.reserve(num_leaves);
+  if (args.size() % kTreeOperandsPerLeaf != 0 ||
+      (rets && rets->size() != num_leaves * kTreeResultsPerLeaf)) {
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": wrong number of operands or results");
+  }
   // Each result and the operand it updates (aliased to it).
   const std::pair<int, int> updated[kTreeResultsPerLeaf] = {
       {kTreeResultParams, kTreeOperandParams}, {kTreeResultMu, kTreeOperandMu},
       {kTreeResultNu, kTreeOperandNu}, {kTreeResultNuMax, kTreeOperandNuMax}};
+  work.leaves.reserve(num_leaves);
+  sizes.reserve(num_leaves);
   for (size_t i = 0; i < num_leaves; ++i) {
     auto in = [&](int k) { return Operand(args, i, kTreeOperandsPerLeaf, k); };
-    auto out = [&](int k) { return Result(rets, 0, i, kTreeResultsPerLeaf, k); };
     const ffi::AnyBuffer params = in(kTreeOperandParams);
     const size_t n = params.element_count();
     bool shapes_match = true;
     for (int k = 0; k < kTreeOperandsPerLeaf; ++k) shapes_match &= in(k).element_count() == n;
     if (!shapes_match || in(kTreeOperandGrads).element_type() != params.element_type() ||
         in(kTreeOperandNuMax).element_type() != in(kTreeOperandNu).element_type()) {
-      return ffi::Error::InvalidArgument("amsgrad_jax_step: unsupported dtypes or shapes");
+      return ffi::Error::InvalidArgument(std::string(name) + ": unsupported dtypes or shapes");
     }
     StepFn step = SelectStep(params.element_type(), in(kTreeOperandMu).element_type(),
-                             in(kTreeOperandNu).element_type(), decay);
-    if (!AcceptStep(*work, i, step)) {
-      return ffi::Error::InvalidArgument("amsgrad_jax_step: one call takes one dtype group");
+                             in(kTreeOperandNu).element_type(), decay, /*check=*/rets == nullptr);
+    if (!AcceptStep(work, i, step)) {
+      return ffi::Error::InvalidArgument(std::string(name) + ": one call takes one dtype group");
     }
-    // In place when XLA honoured the aliases; otherwise start from a copy of the operand.
-    for (const auto& [result, operand] : updated) StartFrom(in(operand), out(result));
-    work->leaves.push_back({out(kTreeResultParams).untyped_data(),
-                            in(kTreeOperandGrads).untyped_data(), out(kTreeResultMu).untyped_data(),
-                            out(kTreeResultNu).untyped_data(), out(kTreeResultNuMax).untyped_data()});
+    void* data[kTreeResultsPerLeaf];
+    for (const auto& [result, operand] : updated) {
+      data[result] = in(operand).untyped_data();
+      if (rets) {
+        // In place when XLA honoured the aliases; otherwise start from a copy.
+        const ffi::AnyBuffer out = Result(*rets, 0, i, kTreeResultsPerLeaf, result);
+        StartFrom(in(operand), out);
+        data[result] = out.untyped_data();
+      }
+    }
+    work.leaves.push_back({data[kTreeResultParams], in(kTreeOperandGrads).untyped_data(),
+                           data[kTreeResultMu], data[kTreeResultNu], data[kTreeResultNuMax]});
     sizes.push_back(n);
   }
+  return ffi::Error::Success();
+}
+
+// State as one buffer per leaf: TreeOperandIndex and TreeResultIndex give the order.
+ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scalars,
+                       ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  auto made = NewWork(scalars);
+  if (made.has_error()) return made.error();
+  std::shared_ptr<Work> work = *made;
+  std::vector<size_t> sizes;
+  ffi::Error error = TreeLeaves(*work, args, &rets, decay, sizes);
+  if (error.failure()) return error;
   return RunOnPool(pool, work, sizes);
 }
 
@@ -402,35 +423,13 @@ using FiniteFlag = ffi::Buffer<ffi::DataType::S32, 0>;
 // step would leave the gradient, the update and the stored state finite, else 0.
 ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scalars,
                         ffi::RemainingArgs args, ffi::Result<FiniteFlag> finite) {
-  if (args.size() % kTreeOperandsPerLeaf != 0) {
-    return ffi::Error::InvalidArgument("amsgrad_jax_check: wrong number of operands");
-  }
   auto made = NewWork(scalars);
   if (made.has_error()) return made.error();
   std::shared_ptr<Work> work = *made;
-  const size_t num_leaves = args.size() / kTreeOperandsPerLeaf;
   std::vector<size_t> sizes;
-  for (size_t i = 0; i < num_leaves; ++i) {
-    auto in = [&](int k) { return Operand(args, i, kTreeOperandsPerLeaf, k); };
-    const ffi::AnyBuffer params = in(kTreeOperandParams);
-    const size_t n = params.element_count();
-    bool shapes_match = true;
-    for (int k = 0; k < kTreeOperandsPerLeaf; ++k) shapes_match &= in(k).element_count() == n;
-    if (!shapes_match || in(kTreeOperandGrads).element_type() != params.element_type() ||
-        in(kTreeOperandNuMax).element_type() != in(kTreeOperandNu).element_type()) {
-      return ffi::Error::InvalidArgument("amsgrad_jax_check: unsupported dtypes or shapes");
-    }
-    StepFn step = SelectStep(params.element_type(), in(kTreeOperandMu).element_type(),
-                             in(kTreeOperandNu).element_type(), decay, /*check=*/true);
-    if (!AcceptStep(*work, i, step)) {
-      return ffi::Error::InvalidArgument("amsgrad_jax_check: one call takes one dtype group");
-    }
-    work->leaves.push_back({params.untyped_data(), in(kTreeOperandGrads).untyped_data(),
-                            in(kTreeOperandMu).untyped_data(), in(kTreeOperandNu).untyped_data(),
-                            in(kTreeOperandNuMax).untyped_data()});
-    sizes.push_back(n);
-  }
-  ffi::Error error = RunOnPool(pool, work, sizes);
+  ffi::Error error = TreeLeaves(*work, args, nullptr, decay, sizes);
+  if (error.failure()) return error;
+  error = RunOnPool(pool, work, sizes);
   *finite->typed_data() = work->finite.load() ? 1 : 0;
   return error;
 }
