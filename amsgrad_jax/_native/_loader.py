@@ -34,10 +34,15 @@ class NativeStatus:
     return self.active
 
 
+def disabled() -> bool:
+  """Whether the user turned the native step off (``AMSGRAD_JAX_DISABLE_NATIVE=1``)."""
+  return os.environ.get(DISABLE_VARIABLE, "") not in ("", "0")
+
+
 @functools.cache
 def load() -> NativeStatus:
   """Build (at first use), load, check and register the kernel; never raises."""
-  if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
+  if disabled():
     return NativeStatus(False, f"disabled by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}")
   try:
     path, note = _build.library_path()

@@ -17,7 +17,7 @@ import jax
 import optax
 
 from amsgrad_jax import _validation
-from amsgrad_jax._native import _compose
+from amsgrad_jax._native import _compose, _loader
 from amsgrad_jax._native._loader import NativeStatus
 from amsgrad_jax._native._plan import machine_status
 
@@ -157,7 +157,7 @@ def apply_step(
   )
   if reason is not None:
     result = pure_step(tx, grads, opt_state, params)  # raises first on mismatched trees
-    if _compose.contains_alias(tx):
+    if not _loader.disabled() and _compose.contains_alias(tx):
       _warn_once(reason)
     return result
   return _native_with_optax_derivatives(tx)(grads, opt_state, params)
