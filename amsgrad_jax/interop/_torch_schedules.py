@@ -15,14 +15,12 @@ schedulers); a schedule Optax already computes the same way is reused.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 
@@ -95,7 +93,7 @@ def torch_multistep_lr(
 
   def schedule(count: Any) -> jax.Array:
     passed = jnp.searchsorted(bounds, jnp.asarray(count), side="right")
-    return learning_rate * jnp.asarray(gamma, _steps(0).dtype) ** passed
+    return learning_rate * gamma ** passed.astype(_steps(0).dtype)
 
   return schedule
 
@@ -207,32 +205,29 @@ def torch_linear_lr(
   return schedule
 
 
+Phase = tuple[float, float, float]  # (last step of the phase, value at its start, at its end)
+
+
 def _one_cycle_phases(
-  total_steps: int, pct_start: float, three_phase: bool
-) -> list[tuple[float, int, int]]:
-  """PyTorch's phases: ``(end_step, start_point, end_point)``, points indexing the values
-  ``(initial, peak, last)``."""
-  first_end = float(pct_start * total_steps) - 1
-  if three_phase:
-    return [(first_end, 0, 1), (float(2 * pct_start * total_steps) - 2, 1, 0), (total_steps - 1, 0, 2)]
-  return [(first_end, 0, 1), (total_steps - 1, 1, 2)]
-
-
-def _one_cycle(
-  values: tuple[float, float, float],
-  total_steps: int,
-  pct_start: float,
-  anneal_strategy: str,
-  three_phase: bool,
-) -> optax.Schedule:
-  """OneCycleLR's ``get_lr`` for one quantity: within each phase, from its start value to
-  its end value, by half a cosine or a line."""
+  total_steps: int, pct_start: float, three_phase: bool, values: tuple[float, float, float]
+) -> list[Phase]:
+  """PyTorch's phases of a cycle through ``values = (first, peak, last)``."""
   _positive("total_steps", total_steps)
   if not 0 <= pct_start <= 1:
     raise ValueError(f"pct_start must be in [0, 1], got {pct_start!r}.")
+  first, peak, last = values
+  rise_end = float(pct_start * total_steps) - 1
+  if three_phase:
+    fall_end = float(2 * pct_start * total_steps) - 2
+    return [(rise_end, first, peak), (fall_end, peak, first), (total_steps - 1, first, last)]
+  return [(rise_end, first, peak), (total_steps - 1, peak, last)]
+
+
+def _one_cycle(phases: list[Phase], anneal_strategy: str) -> optax.Schedule:
+  """OneCycleLR's ``get_lr`` for one quantity: within each phase, from its start value to
+  its end value, by half a cosine or by a line."""
   if anneal_strategy not in ("cos", "linear"):
     raise ValueError(f'anneal_strategy must be "cos" or "linear", got {anneal_strategy!r}.')
-  phases = _one_cycle_phases(total_steps, pct_start, three_phase)
 
   def anneal(start: float, end: float, pct: jax.Array) -> jax.Array:
     if anneal_strategy == "cos":
@@ -242,15 +237,15 @@ def _one_cycle(
   def schedule(count: Any) -> jax.Array:
     step = _steps(count)
     result = jnp.zeros_like(step)
-    start_step = 0.0
     decided = jnp.zeros(step.shape, bool)
+    start_step = 0.0
     for index, (end_step, start, end) in enumerate(phases):
       here = ~decided & ((step <= end_step) | (index == len(phases) - 1))
-      # PyTorch divides by zero in an empty phase only if a step falls in it; where()
+      # PyTorch divides by zero in an empty phase only when a step falls in it; where()
       # keeps the quotient of a phase no step is in out of the result.
       span = end_step - start_step
       pct = (step - start_step) / (span if span != 0 else 1.0)
-      result = jnp.where(here, anneal(values[start], values[end], pct), result)
+      result = jnp.where(here, anneal(start, end, pct), result)
       decided = decided | here
       start_step = end_step
     return result
@@ -297,9 +292,8 @@ def torch_one_cycle_lr(
     [0.04, 1.0, 0.0]
   """
   initial = max_lr / div_factor
-  return _one_cycle(
-    (initial, max_lr, initial / final_div_factor), total_steps, pct_start, anneal_strategy, three_phase
-  )
+  values = (initial, max_lr, initial / final_div_factor)
+  return _one_cycle(_one_cycle_phases(total_steps, pct_start, three_phase, values), anneal_strategy)
 
 
 def torch_one_cycle_momentum(
@@ -337,13 +331,8 @@ def torch_one_cycle_momentum(
     >>> [round(float(b1(n)), 4) for n in (0, 2, 9)]
     [0.95, 0.85, 0.95]
   """
-  return _one_cycle(
-    (max_momentum, base_momentum, max_momentum),
-    total_steps,
-    pct_start,
-    anneal_strategy,
-    three_phase,
-  )
+  values = (max_momentum, base_momentum, max_momentum)
+  return _one_cycle(_one_cycle_phases(total_steps, pct_start, three_phase, values), anneal_strategy)
 
 
 def schedule_from_torch(scheduler: Any) -> list[optax.Schedule]:
@@ -380,7 +369,7 @@ def schedule_from_torch(scheduler: Any) -> list[optax.Schedule]:
     milestones = list(scheduler._milestones)
     return [optax.join_schedules(list(group), milestones) for group in zip(*parts, strict=True)]
   if kind == "OneCycleLR":
-    return [_one_cycle_of(scheduler, group) for group in scheduler.optimizer.param_groups]
+    return [one_cycle_of(scheduler, group) for group in scheduler.optimizer.param_groups]
   base_lrs = [_number(lr) for lr in scheduler.base_lrs]
   if kind == "StepLR":
     return [torch_step_lr(lr, scheduler.step_size, scheduler.gamma) for lr in base_lrs]
@@ -403,25 +392,20 @@ def schedule_from_torch(scheduler: Any) -> list[optax.Schedule]:
   )
 
 
-def _one_cycle_of(scheduler: Any, group: dict[str, Any]) -> optax.Schedule:
-  """The rate of one group of a ``OneCycleLR``, from the values it stored in the group."""
-  phases = scheduler._schedule_phases
-  end_steps = [phase["end_step"] for phase in phases]
-  total_steps = scheduler.total_steps
-  pct_start = (end_steps[0] + 1) / total_steps
-  three_phase = len(phases) == 3
-  expected = [end for end, _, _ in _one_cycle_phases(total_steps, pct_start, three_phase)]
-  if not np.allclose(end_steps, expected, rtol=0, atol=1e-9):
-    raise ValueError(f"OneCycleLR phases {end_steps} are not PyTorch's; cannot read them.")
-  values = (_number(group["initial_lr"]), _number(group["max_lr"]), _number(group["min_lr"]))
-  return _one_cycle(values, total_steps, pct_start, scheduler._anneal_func_type, three_phase)
+def one_cycle_of(scheduler: Any, group: dict[str, Any], quantity: str = "lr") -> optax.Schedule:
+  """The ``"lr"`` or ``"momentum"`` of one group of a ``OneCycleLR``, from the phases it
+  holds and the values it stored in the group."""
+  phases = [
+    (
+      float(phase["end_step"]),
+      _number(group[phase[f"start_{quantity}"]]),
+      _number(group[phase[f"end_{quantity}"]]),
+    )
+    for phase in scheduler._schedule_phases
+  ]
+  return _one_cycle(phases, scheduler._anneal_func_type)
 
 
 def _number(value: Any) -> float:
   """A learning rate PyTorch may hold as a tensor, as a Python float."""
   return float(value.item()) if hasattr(value, "item") else float(value)
-
-
-def milestone_of(milestones: Sequence[int], count: int) -> int:
-  """The index of the schedule a ``SequentialLR`` runs at ``count`` (PyTorch's bisect)."""
-  return bisect.bisect_right(list(milestones), count)
