@@ -1,8 +1,8 @@
 """Gradient clipping as PyTorch and Keras compute it, as Optax transformations.
 
 The frameworks' clippings differ from Optax's in ways that move a trajectory: PyTorch's
-``clip_grad_norm_`` always scales, by ``max_norm / (norm + 1e-6)`` clamped to 1, where
-:func:`optax.clip_by_global_norm` scales by ``max_norm / norm`` only above the threshold;
+``clip_grad_norm_`` scales by ``max_norm / (norm + 1e-6)`` clamped to 1, where
+:func:`optax.clip_by_global_norm` scales by ``max_norm / norm`` above the threshold;
 Keras' ``clipnorm`` clips each variable by its own norm. Each transformation here does the
 framework's operations in its order; none has a state (``optax.EmptyState()``).
 """
@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from amsgrad_jax import _numerics
 
 # PyTorch's clip_grad_norm_ adds this to the norm before dividing, in the gradients' dtype.
 _TORCH_NORM_OFFSET = 1e-6
@@ -34,6 +36,14 @@ def _stateless(
     return update(updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _common(scalars: list[jax.Array]) -> list[jax.Array]:
+  """``scalars`` in one dtype to stack them: theirs when they share it, else the widest
+  (at least float32), as the frameworks' stacks promote."""
+  dtypes = {x.dtype for x in scalars}
+  dtype = dtypes.pop() if len(dtypes) == 1 else _numerics.compute_dtype(*(x.dtype for x in scalars))
+  return [x.astype(dtype) for x in scalars]
 
 
 def _vector_norm(x: jax.Array, norm_type: float) -> jax.Array:
@@ -58,9 +68,9 @@ def torch_clip_grad_norm(max_norm: float, norm_type: float = 2.0) -> optax.Gradi
 
     g \leftarrow g \cdot \min\!\left(1, \frac{c}{N + 10^{-6}}\right):
 
-  unlike :func:`optax.clip_by_global_norm`, every step is scaled, slightly, and the
-  threshold sits a little above ``max_norm``. The norms are computed in the gradients'
-  dtype, as PyTorch does, and the gradients keep their dtypes.
+  unlike :func:`optax.clip_by_global_norm`, a clipped step keeps a norm a little under
+  ``max_norm``, and clipping starts at :math:`N = c - 10^{-6}`. The norms are computed in
+  the gradients' dtype, as PyTorch does, and the gradients keep their dtypes.
 
   Args:
     max_norm: :math:`c`, PyTorch's ``max_norm``, ``> 0``.
@@ -87,8 +97,7 @@ def torch_clip_grad_norm(max_norm: float, norm_type: float = 2.0) -> optax.Gradi
     if not leaves:
       return updates
     norms = [_vector_norm(jnp.ravel(g), norm_type) for g in leaves]
-    dtype = jnp.result_type(*norms)
-    total = _vector_norm(jnp.stack([n.astype(dtype) for n in norms]), norm_type)
+    total = _vector_norm(jnp.stack(_common(norms)), norm_type)
     coefficient = jnp.minimum(max_norm / (total + _TORCH_NORM_OFFSET), 1.0)
     return jax.tree.map(lambda g: g * coefficient.astype(g.dtype), updates)
 
@@ -166,8 +175,7 @@ def keras_global_clipnorm(global_clipnorm: float) -> optax.GradientTransformatio
     if not leaves:
       return updates
     squares = [jnp.sum(jnp.square(g)) for g in leaves]
-    dtype = jnp.result_type(*squares)
-    norm = jnp.sqrt(jnp.sum(jnp.stack([s.astype(dtype) for s in squares])))
+    norm = jnp.sqrt(jnp.sum(jnp.stack(_common(squares))))
     scale = global_clipnorm * jnp.minimum(1.0 / norm, 1.0 / global_clipnorm)
     scale = scale + (norm - norm)  # NaN for a non-finite norm, as in Keras
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates)

@@ -28,13 +28,13 @@ def keras_exponential_decay(
 
     \eta_n = \eta_0 \, r^{n / s} \quad (\text{or } r^{\lfloor n / s \rfloor} \text{ with staircase})
 
-  This is :func:`optax.exponential_decay` with the same arguments, which computes the
-  same expression; it is returned as it is.
+  :func:`optax.exponential_decay` is the same expression, but divides Optax's int32 count
+  in float32; this schedule counts in JAX's default float, as Keras counts in its own.
 
   Args:
     initial_learning_rate: the rate at step 0.
     decay_steps: :math:`s`, ``> 0``.
-    decay_rate: :math:`r`, ``> 0``.
+    decay_rate: :math:`r`.
     staircase: decay in whole periods of ``decay_steps``.
 
   Returns:
@@ -47,10 +47,12 @@ def keras_exponential_decay(
     [1.0, 0.5, 0.25]
   """
   _positive("decay_steps", decay_steps)
-  _positive("decay_rate", decay_rate)
-  return optax.exponential_decay(
-    initial_learning_rate, decay_steps, decay_rate, staircase=staircase
-  )
+
+  def schedule(count: Any) -> jax.Array:
+    p = _steps(count) / decay_steps
+    return initial_learning_rate * decay_rate ** (jnp.floor(p) if staircase else p)
+
+  return schedule
 
 
 def keras_cosine_decay(
@@ -143,12 +145,10 @@ def keras_piecewise_constant_decay(
     )
   if list(boundaries) != sorted(boundaries):
     raise ValueError(f"boundaries must increase, got {list(boundaries)}.")
-  dtype = _steps(0).dtype
-  bounds = jnp.asarray(boundaries, dtype)
-  table = jnp.asarray(values, dtype)
-
   def schedule(count: Any) -> jax.Array:
-    return table[jnp.searchsorted(bounds, _steps(count), side="left")]
+    step = _steps(count)
+    bounds, table = jnp.asarray(boundaries, step.dtype), jnp.asarray(values, step.dtype)
+    return table[jnp.searchsorted(bounds, step, side="left")]
 
   return schedule
 

@@ -10,7 +10,8 @@ Stepped one at a time, PyTorch's schedulers compute the next rate from the curre
 recursions follow, which PyTorch itself uses when it is given an epoch
 (``_get_closed_form_lr``). The two agree to within a few float64 roundings over
 thousands of steps (``tests/test_framework_schedules.py`` measures it against the real
-schedulers); a schedule Optax already computes the same way is reused.
+schedulers). Optax's own schedules of the same shapes differ in the last bits or more
+(each docstring says how); ``SequentialLR`` is :func:`optax.join_schedules`, reused.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ def torch_step_lr(learning_rate: float, step_size: int, gamma: float = 0.1) -> o
 
     \eta_n = \eta_0 \, \gamma^{\lfloor n / \text{step\_size} \rfloor}
 
-  This is :func:`optax.exponential_decay` with ``staircase=True``, which computes the
-  same closed form; it is returned as it is.
+  :func:`optax.exponential_decay` with ``staircase=True`` is the same expression, but it
+  divides Optax's int32 count in float32, which moves the rate by about 1e-7 even under
+  ``jax_enable_x64``; this schedule counts in JAX's default float.
 
   Args:
     learning_rate: the rate before the first decay, PyTorch's ``lr`` (``base_lrs``).
     step_size: steps between two decays, ``> 0``.
-    gamma: the factor of each decay, ``> 0``.
+    gamma: the factor of each decay.
 
   Returns:
     An Optax schedule, ``count -> rate``.
@@ -59,8 +61,11 @@ def torch_step_lr(learning_rate: float, step_size: int, gamma: float = 0.1) -> o
     [0.1, 0.1, 0.05, 0.025]
   """
   _positive("step_size", step_size)
-  _positive("gamma", gamma)
-  return optax.exponential_decay(learning_rate, step_size, gamma, staircase=True)
+
+  def schedule(count: Any) -> jax.Array:
+    return learning_rate * gamma ** jnp.floor(_steps(count) / step_size)
+
+  return schedule
 
 
 def torch_multistep_lr(
@@ -105,12 +110,12 @@ def torch_exponential_lr(learning_rate: float, gamma: float) -> optax.Schedule:
 
     \eta_n = \eta_0 \, \gamma^{n}
 
-  This is :func:`optax.exponential_decay` with ``transition_steps=1``; it is returned as
-  it is.
+  (:func:`optax.exponential_decay` with ``transition_steps=1`` is the same expression,
+  with its count divided in float32.)
 
   Args:
     learning_rate: the rate at the first step.
-    gamma: the factor per step, ``> 0``.
+    gamma: the factor per step.
 
   Returns:
     An Optax schedule, ``count -> rate``.
@@ -121,8 +126,11 @@ def torch_exponential_lr(learning_rate: float, gamma: float) -> optax.Schedule:
     >>> [float(schedule(n)) for n in range(4)]
     [1.0, 0.5, 0.25, 0.125]
   """
-  _positive("gamma", gamma)
-  return optax.exponential_decay(learning_rate, 1, gamma)
+
+  def schedule(count: Any) -> jax.Array:
+    return learning_rate * gamma ** _steps(count)
+
+  return schedule
 
 
 def torch_cosine_annealing_lr(
