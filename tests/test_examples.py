@@ -53,6 +53,8 @@ def number_after(label: str, output: str) -> float:
 
 
 def test_mlp_flax_trains_prints_the_loss_and_writes_the_curve_where_it_runs(tmp_path):
+  require("tqdm")
+  require("matplotlib")
   output = run_example("mlp_flax.py", "--steps", "150", cwd=tmp_path)
   assert "backend: cpu" in output
   # The loss is printed as the original listing prints it, every 100 steps and at the end.
@@ -65,6 +67,8 @@ def test_mlp_flax_trains_prints_the_loss_and_writes_the_curve_where_it_runs(tmp_
 
 def test_mlp_flax_follows_torch_to_float32_rounding(tmp_path):
   require("torch")
+  require("tqdm")
+  require("matplotlib")
   output = run_example(
     "mlp_flax.py", "--compare-torch", "--steps", "30", "--out", str(tmp_path / "out"), cwd=tmp_path
   )
@@ -75,6 +79,7 @@ def test_mlp_flax_follows_torch_to_float32_rounding(tmp_path):
 
 def test_mlp_flax_follows_torch_exactly_in_float64(tmp_path):
   require("torch")
+  require("tqdm")
   output = run_example(
     "mlp_flax.py", "--compare-torch", "--float64", "--steps", "40", "--no-plot", cwd=tmp_path
   )
@@ -84,6 +89,7 @@ def test_mlp_flax_follows_torch_exactly_in_float64(tmp_path):
 
 
 def test_reddi_synthetic_adam_goes_to_plus_one_and_amsgrad_to_minus_one(tmp_path):
+  require("matplotlib")
   output = run_example(
     "reddi_synthetic.py", "--points", "500", "--out", str(tmp_path), cwd=tmp_path
   )
@@ -138,3 +144,33 @@ def test_checkpoint_resume_is_bit_exact_and_the_check_catches_a_lost_nu_max(tmp_
     assert ".nu_max[" in output
   else:
     assert "equals the uninterrupted run bit for bit" in output
+
+
+def test_resume_from_pytorch_continues_pytorchs_run_to_float32_rounding(tmp_path):
+  require("torch")
+  output = run_example(
+    "resume_from_pytorch.py",
+    "--steps", "40", "--resume-steps", "30", "--print-every", "10", "--out", str(tmp_path),
+    cwd=tmp_path,
+  )  # fmt: skip
+  # One line per printed step: step, both losses, and the two differences. (In float32 the
+  # runs part later, as a ReLU unit falls on either side of zero: see mlp_flax.py.)
+  rows = re.findall(rf"^\s*(\d+)\s+{FLOAT}\s+{FLOAT}\s+{FLOAT}\s+{FLOAT}$", output, re.M)
+  assert [int(step) for step in rows] == [40, 50, 60, 69]
+  assert number_after("max relative parameter difference vs torch:", output) < 1e-5
+  checkpoint_loss = number_after("loss at the checkpoint:", output)
+  assert number_after("max absolute loss difference vs torch:", output) < 1e-5 * checkpoint_loss
+  assert_png(tmp_path / "resume_from_pytorch.png")
+
+
+def test_resume_from_pytorch_continues_pytorchs_run_exactly_in_float64(tmp_path):
+  require("torch")
+  output = run_example(
+    "resume_from_pytorch.py",
+    "--float64", "--steps", "40", "--resume-steps", "40", "--print-every", "40", "--no-plot",
+    cwd=tmp_path,
+  )  # fmt: skip
+  assert number_after("max relative parameter difference vs torch:", output) < 1e-12
+  checkpoint_loss = number_after("loss at the checkpoint:", output)
+  assert number_after("max absolute loss difference vs torch:", output) < 1e-12 * checkpoint_loss
+  assert not list(tmp_path.iterdir()), "--no-plot wrote a file"
