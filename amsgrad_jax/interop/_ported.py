@@ -75,7 +75,7 @@ def learning_rate_at(options: AliasOptions, count: int) -> float:
   if not callable(rate):
     return number(rate)
   with jax.enable_x64(True):
-    return number(jax.device_get(rate(count)))
+    return number(jax.device_get(jax.jit(rate)(count)))
 
 
 def mismatches(
