@@ -11,6 +11,7 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if DEVICE_COUNT_FLAG not in _flags:
   os.environ["XLA_FLAGS"] = f"{_flags} {DEVICE_COUNT_FLAG}=8".strip()
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# The CPU, unless the caller chose (the GPU check runs the suite with JAX_PLATFORMS=cuda).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after the environment above)

@@ -100,6 +100,7 @@ def test_state_from_abstract_init_feeds_a_jitted_step():
   assert step._cache_size() == 1
 
 
+@pytest.mark.host_devices
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=lambda t: t.name)
 def test_init_on_sharded_structs_places_the_state_like_the_parameters(axis_type):
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type, axis_type))
@@ -113,6 +114,7 @@ def test_init_on_sharded_structs_places_the_state_like_the_parameters(axis_type)
       assert leaf.sharding == params[name].sharding, (name, leaf.sharding)
 
 
+@pytest.mark.host_devices
 def test_init_on_sharded_structs_needs_no_mesh_context():
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
   params = abstract_params(jnp.bfloat16, lambda name: NamedSharding(mesh, SPECS[name]))
@@ -123,6 +125,7 @@ def test_init_on_sharded_structs_needs_no_mesh_context():
       assert leaf.dtype == jnp.bfloat16
 
 
+@pytest.mark.host_devices
 def test_eval_shape_under_an_explicit_mesh_carries_the_shardings():
   """In an Explicit mesh shardings are part of the type, so eval_shape reports them."""
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)

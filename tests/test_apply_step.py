@@ -29,6 +29,8 @@ import amsgrad_jax
 from amsgrad_jax._native import _step
 from amsgrad_jax._native._step import pure_step
 
+pytestmark = pytest.mark.native_cpu
+
 STEPS = 100
 ULPS = 2
 SHAPES = {"kernel": (5, 3), "bias": (3,), "scalar": (), "conv": (2, 3, 4), "empty": (0, 4)}
@@ -391,6 +393,7 @@ def test_native_status_of_an_optimizer_says_why_not(native_kernel, make, params,
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
 
 
+@pytest.mark.host_devices
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
 def test_sharded_step_runs_per_shard_without_collectives(axis_type):
   """On a 4x2 mesh each device steps its own shards: no gather, no reduction."""

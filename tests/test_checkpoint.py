@@ -134,6 +134,7 @@ def test_restored_mixed_precision_state_keeps_its_dtypes(tmp_path):
   assert state.nu_max["b"].dtype == jnp.float32
 
 
+@pytest.mark.host_devices
 def test_restored_sharded_state_keeps_its_sharding(tmp_path):
   mesh = jax.make_mesh((8,), ("data",))
   sharding = NamedSharding(mesh, PartitionSpec("data"))

@@ -53,6 +53,7 @@ def test_optax_path_compiles_to_the_loops_and_bytes_of_optax_amsgrad() -> None:
   assert 36 <= _bytes_per_param(ours) <= _bytes_per_param(theirs) + 0.01
 
 
+@pytest.mark.native_cpu
 def test_native_step_calls_the_kernel_once_per_dtype_group() -> None:
   status = amsgrad_jax.native_status()
   if not status.active:

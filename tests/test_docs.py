@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from _peers import require
 
 import amsgrad_jax
 
@@ -44,6 +45,8 @@ PAGES = sorted(
   if not any(part.startswith("_") for part in page.relative_to(DOCS).parts)
 )
 RUNNABLE_PAGES = [page for page in PAGES if PYTHON_BLOCK.search((DOCS / page).read_text())]
+# The pages whose code shards over 8 devices.
+SHARDED_PAGES = {"guides/scaling.md"}
 CODE_COLUMN = 88
 # Measured times and rates belong to the benchmarks page alone; the others link to it.
 MEASUREMENT = re.compile(r"\d\s*(?:ms|µs|us|ns|GB/s|MB/s)\b|\bratios?\b[^.\n]*\d\.\d")
@@ -185,10 +188,22 @@ def test_the_pages_with_code_include_the_guides():
   assert {"getting_started.md", "guides/flax.md", "guides/scaling.md"} <= set(RUNNABLE_PAGES)
 
 
-@pytest.mark.parametrize("page", RUNNABLE_PAGES)
+def page_marks(page: str) -> list[pytest.MarkDecorator]:
+  """``host_devices`` for a page that shards over 8 devices, ``keras`` for one that imports
+  Keras."""
+  marks = [pytest.mark.host_devices] if page in SHARDED_PAGES else []
+  if re.search(r"^\s*(import|from) keras\b", "".join(code_blocks(page)), re.M):
+    marks.append(pytest.mark.keras)
+  return marks
+
+
+@pytest.mark.parametrize(
+  "page", [pytest.param(page, marks=page_marks(page)) for page in RUNNABLE_PAGES]
+)
 def test_the_code_on_the_page_runs(page, tmp_path, monkeypatch):
   blocks = code_blocks(page)
-  assert len(jax.devices()) == 8  # guides/scaling.md shards over 8 CPU devices (conftest.py)
+  if page in SHARDED_PAGES:
+    assert len(jax.devices()) == 8  # the 8 CPU devices of tests/conftest.py
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # Checkpoints go to tmp_path.
   namespace: dict = {"__name__": f"docs_{Path(page).stem}"}
   # Readers run the code with JAX's default promotion rules, not this suite's strict ones.
@@ -201,6 +216,7 @@ def test_the_code_on_the_page_runs(page, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def built_docs(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
   """One strict build of the whole site (every page read afresh), and its HTML folder."""
+  require("sphinx")
   out = tmp_path_factory.mktemp("docs")
   command = ["-W", "--keep-going", "-q", "-b", "html", "-d", str(out / "doctrees")]
   result = subprocess.run(

@@ -29,6 +29,8 @@ from amsgrad_jax import FlatMoment, ScaleByAmsgradState
 from amsgrad_jax._native._alias_step import LEAVES_PER_CALL
 from amsgrad_jax._native._step import pure_step
 
+pytestmark = pytest.mark.native_cpu
+
 __all__ = ["native_kernel"]  # the fixture that requires the native step, used here too
 
 FLAT_TARGET = "amsgrad_jax_step_flat"
@@ -322,6 +324,7 @@ def test_vmapped_flat_step_takes_the_optax_path():
   np.testing.assert_array_equal(new_params, expected)
 
 
+@pytest.mark.host_devices
 def test_flat_state_under_a_mesh_and_pmap():
   """Under a mesh the flat step is replicated (correct, but it gathers: sharded models keep
   the tree layout); under pmap it runs per device."""

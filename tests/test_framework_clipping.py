@@ -95,12 +95,14 @@ def keras_clipped(option: str, value: float, grads) -> list[dict[str, np.ndarray
   return clipped
 
 
+@pytest.mark.keras
 def test_keras_clipnorm_equals_keras_at_every_step():
   grads = grads64()
   theirs = keras_clipped("clipnorm", 3.0, grads)
   assert_close_every_step(ours(interop.keras_clipnorm(3.0), grads), theirs)
 
 
+@pytest.mark.keras
 def test_keras_global_clipnorm_equals_keras_at_every_step():
   grads = grads64()
   theirs = keras_clipped("global_clipnorm", 5.0, grads)

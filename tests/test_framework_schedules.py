@@ -197,6 +197,7 @@ KERAS_CASES = [
 ]
 
 
+@pytest.mark.keras
 @pytest.mark.parametrize("case", KERAS_CASES)
 def test_keras_schedule_equals_keras_at_every_step(case):
   with precision(np.float64):

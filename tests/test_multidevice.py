@@ -18,6 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 import amsgrad_jax
 
+pytestmark = pytest.mark.host_devices
+
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 SHAPES = {"kernel": (16, 8), "embedding": (8, 6), "bias": (8,), "scalar": ()}
 SPECS = {

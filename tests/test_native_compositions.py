@@ -24,6 +24,8 @@ from test_apply_step import STEPS, ULPS, native_kernel, worst_ulps
 import amsgrad_jax
 from amsgrad_jax._native._step import pure_step
 
+pytestmark = pytest.mark.native_cpu
+
 __all__ = ["native_kernel"]  # the fixture that requires the native step, used here too
 SHAPES = {"body": (6, 5), "bias": (5,), "head": (5, 2), "scale": ()}
 LABELS = {"body": "body", "bias": "body", "head": "head", "scale": "head"}

@@ -16,6 +16,8 @@ from test_apply_step import native_kernel
 import amsgrad_jax
 from amsgrad_jax._native import _build, _interface
 
+pytestmark = pytest.mark.native_cpu
+
 __all__ = ["native_kernel"]
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,6 +16,8 @@ from test_parity_torch import assert_trajectories_close, run_ours
 
 import amsgrad_jax
 
+pytestmark = pytest.mark.keras
+
 STEPS = 120
 
 

@@ -24,6 +24,8 @@ from test_parity_torch import assert_trajectories_close
 import amsgrad_jax
 from amsgrad_jax import interop
 
+pytestmark = pytest.mark.keras
+
 STEPS, SPLIT = 500, 200
 CLIP = 5.0
 RTOL = {np.float64: 1e-9, np.float32: 1e-5}

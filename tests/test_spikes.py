@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _peers import require
 
 import amsgrad_jax
 
@@ -106,6 +107,7 @@ def png_size(png: bytes) -> tuple[int, int]:
 
 
 def test_the_figure_plots_the_trajectories_the_tests_check():
+  require("matplotlib")
   fig = figure_script()
   results = trajectories("pytorch")
   figure = fig.draw(results)
@@ -122,6 +124,7 @@ def test_the_figure_plots_the_trajectories_the_tests_check():
 
 
 def test_the_figure_script_saves_that_figure(tmp_path):
+  require("matplotlib")
   out = tmp_path / "spike_freeze.png"
   results = figure_script().main(out)
   assert set(results) == set(figure_script().optimizers())
