@@ -7,7 +7,9 @@ shardings, checked leaf by leaf; and the bytes each device holds. ``--pmap`` run
 classic data-parallel version instead (replicated parameters and state, gradients averaged
 with ``lax.pmean``). Takes about 5 s on 2 CPU cores.
 
-Without 8 accelerators, the example asks XLA for 8 CPU devices (before importing jax).
+On GPUs or TPUs it uses the devices there are (the largest power of two up to 8; one is
+enough, the mesh is then 1 x 1); on the CPU it asks XLA for 8 CPU devices (before
+importing jax).
 
 Usage::
 
@@ -39,7 +41,6 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import amsgrad_jax  # noqa: E402
 
 BATCH, D_IN, HIDDEN, D_OUT = 256, 128, 512, 16
-MESH_SHAPE = {"data": 4, "model": 2}
 # How each parameter is laid out on the mesh: the hidden units are split over "model".
 PARAM_SPECS = {
   "hidden": {"kernel": P(None, "model"), "bias": P("model")},
@@ -49,13 +50,21 @@ Params = dict[str, dict[str, jax.Array]]
 
 
 def pick_devices() -> list[jax.Device]:
-  """Eight devices of the default backend, or the eight CPU devices when it has fewer."""
+  """An accelerator's devices, as many as the largest power of two up to 8 (so the batch
+  and the hidden layer split evenly), or the eight CPU devices."""
   devices = jax.devices()
+  if devices[0].platform != "cpu":
+    return devices[: 1 << (min(len(devices), DEVICES).bit_length() - 1)]
   if len(devices) < DEVICES:
-    devices = jax.devices("cpu")
-  if len(devices) < DEVICES:
-    raise SystemExit(f"needs {DEVICES} devices, found {len(devices)}: {devices}")
+    raise SystemExit(f"needs {DEVICES} CPU devices, found {len(devices)}: {devices}")
   return devices[:DEVICES]
+
+
+def mesh_shape(count: int) -> dict[str, int]:
+  """``{"data": 4, "model": 2}`` on 8 devices: the hidden units split in two where the
+  devices allow, the batch over the rest."""
+  model = 2 if count > 1 else 1
+  return {"data": count // model, "model": model}
 
 
 def init_params(key: jax.Array) -> Params:
@@ -129,12 +138,10 @@ def check_state_sharding(params: Params, opt_state: Any, show_layout: bool = Tru
 
 
 def train_jit(steps: int, devices: list[jax.Device]) -> None:
-  """Data- and model-parallel training with ``jax.jit`` on a 4 x 2 mesh."""
+  """Data- and model-parallel training with ``jax.jit`` on a mesh (4 x 2 on 8 devices)."""
+  shape = mesh_shape(len(devices))
   mesh = jax.make_mesh(
-    tuple(MESH_SHAPE.values()),
-    tuple(MESH_SHAPE),
-    axis_types=(AxisType.Auto,) * len(MESH_SHAPE),
-    devices=devices,
+    tuple(shape.values()), tuple(shape), axis_types=(AxisType.Auto,) * len(shape), devices=devices
   )
   print(f"mesh: {dict(mesh.shape)} over {len(devices)} {devices[0].platform} devices")
   param_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), PARAM_SPECS)
