@@ -145,6 +145,7 @@ def keras_piecewise_constant_decay(
     )
   if list(boundaries) != sorted(boundaries):
     raise ValueError(f"boundaries must increase, got {list(boundaries)}.")
+
   def schedule(count: Any) -> jax.Array:
     step = _steps(count)
     bounds, table = jnp.asarray(boundaries, step.dtype), jnp.asarray(values, step.dtype)

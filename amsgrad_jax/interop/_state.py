@@ -99,8 +99,9 @@ def leaves_like(tree: Any, params: Any, what: str) -> list[np.ndarray]:
     (_path_key(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
   ]
   given = {_path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  wanted_keys = {key for key, _ in wanted}
   missing = [_shown(key) for key, _ in wanted if key not in given]
-  extra = [_shown(key) for key in given if key not in dict(wanted)]
+  extra = [_shown(key) for key in given if key not in wanted_keys]
   if missing or extra:
     raise ValueError(
       f"the {what} converted does not have the leaves of the parameters: "
@@ -242,22 +243,24 @@ class _Filler:
       )
     return found.pop() if found else None
 
-  def step_under(self, node: Any) -> int | None:
-    """The step of the AMSGrad states under ``node``, when they agree on one."""
+  def step_under(self, node: Any, outer: int | None) -> int | None:
+    """The step of the AMSGrad states under ``node``: ``None`` when they disagree,
+    ``outer`` (the step around ``node``) when they cover no parameter."""
     steps = {
       self.steps[group]
       for state in amsgrad_states(node)
       if (group := self.group_of(state)) is not None
     }
-    return steps.pop() if len(steps) == 1 else None
+    return outer if not steps else steps.pop() if len(steps) == 1 else None
 
   def fill(self, node: Any, step: int | None) -> Any:
+    """``node`` with its AMSGrad states filled and its step counters at ``step``."""
     if isinstance(node, ScaleByAmsgradState):
       return self.fill_amsgrad(node)
     if _is_masked(node):
       return node
     if isinstance(node, tuple | list | dict):
-      step = self.step_under(node) if amsgrad_states(node) else step
+      step = self.step_under(node, step)
     if isinstance(node, tuple) and hasattr(node, "_fields"):
       filled: Any = type(node)(*(self.fill(child, step) for child in node))
       if "count" in node._fields:
@@ -344,7 +347,7 @@ def to_optax(
   if not amsgrad_states(template):
     raise ValueError("tx's state holds no ScaleByAmsgradState: tx is not an AMSGrad optimizer.")
   filler = _Filler(moments, groups, named.steps, jax.tree.structure(params))
-  state = filler.fill(template, None)
+  state = filler.fill(template, named.steps[0] if len(set(named.steps)) == 1 else None)
   uncovered = [
     _shown(_path_key(path))
     for (path, _), covered in zip(

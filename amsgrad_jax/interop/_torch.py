@@ -84,11 +84,16 @@ def _names_by_group(state_dict: Mapping[str, Any], names: Sequence[str] | None) 
       "order the optimizer holds them (for Adam(model.parameters()): "
       "[name for name, _ in model.named_parameters()])."
     )
-  flat = [name for group in by_group for name in group]
-  duplicates = sorted({name for name in flat if flat.count(name) > 1})
+  _unique([name for group in by_group for name in group])
+  return by_group
+
+
+def _unique(names: list[str]) -> list[str]:
+  """``names``, when no name is given twice."""
+  duplicates = sorted({name for name in names if names.count(name) > 1})
   if duplicates:
     raise ValueError(f"parameter names must be unique, got {duplicates} more than once.")
-  return by_group
+  return names
 
 
 def _is_inexact(value: Any) -> bool:
@@ -355,14 +360,12 @@ def state_to_torch(
     like_dict = _state_dict_of(like)
     templates = [dict(group) for group in like_dict["param_groups"]]
     by_group = _names_by_group(like_dict, names)
-    steps_for_check = [named.steps[g] if g < len(named.steps) else 0 for g in range(len(templates))]
-    _check_against(tx, templates, steps_for_check, rates=False)
+    # The rates are not compared: the state dict sets them, to tx's.
+    _check_against(tx, templates, [0] * len(templates), rates=False)
   elif ours is not None:
     templates = [_torch_group(options) for options in ours]
-    order = list(names) if names is not None else list(named.names)
+    order = _unique(list(names) if names is not None else list(named.names))
     by_group = [[n for n in order if named.groups.get(n) == g] for g in range(len(templates))]
-    if names is not None:
-      _names_by_group({"param_groups": [{"params": order}]}, order)  # unique names
   else:
     raise ValueError(
       "tx does not say its hyperparameters (it is not an amsgrad_jax optimizer or "
