@@ -6,4 +6,7 @@
 :mod:`~benchmarks.cases`, each step case also against the memory-bandwidth limit
 measured in the same process (:mod:`~benchmarks.limit`); it writes the results as JSON
 and one markdown table into ``docs/_static`` (:mod:`~benchmarks.results`).
+
+``make gpu-check`` (``python -m benchmarks.gpu``) is the check for a machine with an
+NVIDIA GPU: the test suite, the examples and the update step there (:mod:`~benchmarks.gpu`).
 """
