@@ -201,13 +201,18 @@ def suite(settings: Settings) -> dict[str, Any]:
     env = environment(settings.platform, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     ended = run_all(commands, [env] * count, budget - GRACE_S)
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "deselected": 0}
+    selected = 0
     failures: dict[str, str] = {}
     durations: dict[str, float] = {}
     for ran, report in zip(ended, reports, strict=True):
       found = re.findall(r"(\d+) deselected", ran.output)
       counts["deselected"] += int(found[-1]) if found else 0
+      found = re.findall(r"^shard: (\d+) tests to run", ran.output, re.M)
+      selected += int(found[-1]) if found else 0
       if report.is_file():
         _read_junit(report, counts, failures, durations)
+    ran_count = sum(counts[k] for k in ("passed", "failed", "errors", "skipped"))
+    counts["not reached"] = max(0, selected - ran_count)
   out_of_time = any(ran.out_of_time for ran in ended)
   passed = all(ran.returncode == 0 for ran in ended) and counts["passed"] > 0
   record = _record(started, budget, passed, out_of_time)

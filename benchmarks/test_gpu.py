@@ -46,6 +46,7 @@ def test_smoke_run_counts_the_suite_in_slices(smoke_run: tuple[dict, str]) -> No
   suite = smoke_run[0]["parts"]["suite"]
   assert suite["counts"]["passed"] > 0
   assert suite["counts"]["failed"] == suite["counts"]["errors"] == 0
+  assert suite["counts"]["not reached"] == 0
   assert suite["failures"] == {}
   assert "(2 processes)" in suite["summary"]
 
