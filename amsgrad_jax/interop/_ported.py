@@ -49,10 +49,15 @@ def build(
   optimizers: Sequence[optax.GradientTransformation],
   labels: Any | None,
   front: Sequence[optax.GradientTransformation] = (),
-) -> PortedOptimizer:
+) -> optax.GradientTransformationExtraArgs:
   """``front`` chained before one optimizer, or before ``optax.partition`` of several over
   ``labels`` (a tree of group indices shaped like the parameters)."""
   groups = tuple(getattr(tx, "options") for tx in optimizers)  # noqa: B009  (the aliases')
+  if len(optimizers) == 1 and not front:
+    # The alias itself, so that apply_step can still run it natively.
+    alias: Any = optimizers[0]
+    alias.groups = groups
+    return alias
   if len(optimizers) == 1:
     inner: optax.GradientTransformation = optimizers[0]
   else:
