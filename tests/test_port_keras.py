@@ -26,6 +26,8 @@ from amsgrad_jax import interop
 
 pytestmark = pytest.mark.keras
 
+pytestmark = pytest.mark.keras
+
 STEPS, SPLIT = 500, 200
 CLIP = 5.0
 RTOL = {np.float64: 1e-9, np.float32: 1e-5}
