@@ -1,8 +1,8 @@
 """``python -m benchmarks [--quick] [--rounds N] [--only NAME]... [--out DIR]``.
 
 Runs the contenders, prints the table, and writes ``bench_results.json`` and
-``bench_table.md`` into ``DIR`` (default: ``docs/_static``). The full run takes about 7
-minutes on 2 CPU cores; ``--quick`` about 30 s.
+``bench_table.md`` into ``DIR`` (default: ``docs/_static``). The full run takes about 5
+minutes on 2 idle CPU cores; ``--quick`` about 30 s.
 """
 
 from __future__ import annotations
