@@ -55,7 +55,7 @@ bench: $(STAMP)
 # Python there with what it has installed, not .venv, and nothing installed or built.
 OUT ?= docs/_static
 gpu-check:
-	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m benchmarks.gpu --out $(OUT)
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m gpucheck --out $(OUT)
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache .ruff_cache

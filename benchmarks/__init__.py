@@ -7,6 +7,6 @@
 measured in the same process (:mod:`~benchmarks.limit`); it writes the results as JSON
 and one markdown table into ``docs/_static`` (:mod:`~benchmarks.results`).
 
-``make gpu-check`` (``python -m benchmarks.gpu``) is the check for a machine with an
-NVIDIA GPU: the test suite, the examples and the update step there (:mod:`~benchmarks.gpu`).
+``make gpu-check`` (``python -m gpucheck``) is the check for a machine with an
+NVIDIA GPU: the test suite, the examples and the update step there (:mod:`gpucheck`).
 """

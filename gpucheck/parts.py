@@ -25,9 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks import driver, gpu_step
+from benchmarks import driver
 from benchmarks.cases import Case
 from benchmarks.contenders import TORCH_FUSED
+from gpucheck import step as gpu_step
 
 ROOT = driver.ROOT
 GRACE_S = 10
@@ -194,7 +195,7 @@ def suite(settings: Settings) -> dict[str, Any]:
     reports = [Path(folder) / f"{index}.xml" for index in range(count)]
     pytest = [sys.executable, "-m", "pytest", *settings.suite_paths, "-m", DESELECT, "-q"]
     commands = [
-      [*pytest, "-p", "benchmarks.gpu_shard", f"--shard={index}/{count}", f"--junitxml={report}"]
+      [*pytest, "-p", "gpucheck.shard", f"--shard={index}/{count}", f"--junitxml={report}"]
       for index, report in enumerate(reports)
     ]
     # Several processes share the device: each allocates what it uses, not most of it.
@@ -304,7 +305,7 @@ def _example_run(platform: str, ran: Ran) -> dict[str, Any]:
 
 
 def step(settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
-  """Every contender of :mod:`benchmarks.gpu_step` on its cases, timed on the device."""
+  """Every contender of :mod:`gpucheck.step` on its cases, timed on the device."""
   started, budget = time.monotonic(), settings.budgets_s["step"]
   groups = settings.step_groups
   results: dict[str, Any] = {}

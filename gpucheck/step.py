@@ -1,7 +1,7 @@
 """The update step on an accelerator, timed on the device against a device-to-device copy.
 
-Part of ``python -m benchmarks.gpu`` (:mod:`benchmarks.gpu`). Each contender of
-:data:`CONTENDERS` runs in its own process (``python -m benchmarks.gpu_step``, the request
+Part of ``python -m gpucheck`` (:mod:`gpucheck`). Each contender of
+:data:`CONTENDERS` runs in its own process (``python -m gpucheck.step``, the request
 as JSON on stdin, the result as the last line of stdout, as in :mod:`benchmarks.worker`),
 on the cases of :func:`cases`. Parameters, gradients and state are made on the device;
 the JAX step is :mod:`benchmarks.jax_worker`'s jitted, donated update, the PyTorch step
@@ -216,7 +216,7 @@ def run(
       results |= {name: {"error": "not run: the part's time was spent"} for name in group}
       continue
     timeout = min(PROCESS_TIMEOUT_S * len(group), left)
-    command = [sys.executable, "-m", "benchmarks.gpu_step"]
+    command = [sys.executable, "-m", "gpucheck.step"]
     start = time.monotonic()
     try:
       done = subprocess.run(

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.gpu [--smoke] [--out DIR] [--platform P]``: the GPU check.
+"""``python -m gpucheck [--smoke] [--out DIR] [--platform P]``: the GPU check.
 
 ``make gpu-check`` runs it. One command for a machine with an NVIDIA GPU and no network:
 it uses what is installed there (JAX with its CUDA plugin, Optax, Flax, PyTorch with CUDA,
@@ -11,14 +11,14 @@ starve the next):
    ``host_devices`` or ``native_cpu`` (pyproject.toml), in parallel processes;
 2. ``examples/mlp_flax.py`` on the GPU (also with "highest" matmul precision) and on the
    CPU, and their losses compared;
-3. one update step of every contender of :mod:`benchmarks.gpu_step`, each in its own
+3. one update step of every contender of :mod:`gpucheck.step`, each in its own
    process, timed on the device against a device-to-device copy;
 4. ``examples/sharded_training.py``, jit and pmap, on the GPUs there are.
 
 It writes ``gpu_results.json`` (everything measured) and ``gpu_table.md`` (the Benchmarks
 page's GPU section) into ``DIR`` (default ``docs/_static``), and exits with 1 if a part
 failed. ``--smoke`` runs the same code on tiny sizes with short budgets, on the CPU when
-there is no GPU (``benchmarks/test_gpu.py`` does, in about 45 s on 2 cores). Without a
+there is no GPU (``gpucheck/test_gpucheck.py`` does, in about 45 s on 2 cores). Without a
 GPU and without ``--smoke`` it stops and says so.
 """
 
@@ -34,8 +34,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import driver, gpu_parts, gpu_step, results
+from benchmarks import driver, results
 from benchmarks.contenders import TORCH_FUSED
+from gpucheck import parts as gpu_parts
+from gpucheck import step as gpu_step
 
 BUDGETS_S = {"probe": 20, "suite": 195, "example": 60, "step": 160, "sharded": 35}
 SMOKE_BUDGETS_S = {"probe": 30, "suite": 60, "example": 60, "step": 90, "sharded": 40}
@@ -69,7 +71,7 @@ def settings(smoke: bool, platform: str) -> gpu_parts.Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m gpucheck", description=__doc__)
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, short budgets")
   parser.add_argument("--out", type=Path, default=driver.ROOT / "docs" / "_static")
   parser.add_argument(
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
   if platform == "cpu" and not args.smoke:
     print(
       f"the check is for a GPU, and JAX's backend here is {machine['backend']} "
-      f"({machine['device_kind']}); `python -m benchmarks.gpu --smoke` runs its code on tiny "
+      f"({machine['device_kind']}); `python -m gpucheck --smoke` runs its code on tiny "
       "sizes.",
       file=sys.stderr,
     )

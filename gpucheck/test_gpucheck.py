@@ -1,6 +1,6 @@
 """Tests of the GPU check: its smoke run on the CPU, its slices of the suite, its table.
 
-The smoke run (``python -m benchmarks.gpu --smoke``: tiny sizes, short budgets) runs
+The smoke run (``python -m gpucheck --smoke``: tiny sizes, short budgets) runs
 every part's code on the CPU, so the check cannot rot between runs on a GPU; it takes
 about 40 s on 2 CPU cores. Times are never asserted.
 """
@@ -15,7 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import gpu, gpu_shard, gpu_step
+from gpucheck import check as gpu
+from gpucheck import shard as gpu_shard
+from gpucheck import step as gpu_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
   out = tmp_path_factory.mktemp("gpu")
-  command = [sys.executable, "-m", "benchmarks.gpu", "--smoke", "--platform", "cpu"]
+  command = [sys.executable, "-m", "gpucheck", "--smoke", "--platform", "cpu"]
   done = subprocess.run(
     [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
   )

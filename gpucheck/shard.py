@@ -1,4 +1,4 @@
-"""A pytest plugin: ``-p benchmarks.gpu_shard --shard I/N`` runs the I-th of N shares.
+"""A pytest plugin: ``-p gpucheck.shard --shard I/N`` runs the I-th of N shares.
 
 The shares are contiguous slices of the collected tests, so each process keeps whole
 files (and what their tests cache) together. They are cut before markers deselect, and
