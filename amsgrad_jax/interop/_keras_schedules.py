@@ -42,7 +42,8 @@ def keras_exponential_decay(
 
   Examples:
     >>> from amsgrad_jax import interop
-    >>> schedule = interop.keras_exponential_decay(1.0, decay_steps=2, decay_rate=0.25)
+    >>> schedule = interop.keras_exponential_decay(1.0, decay_steps=2,
+    ...                                            decay_rate=0.25)
     >>> [float(schedule(n)) for n in range(3)]
     [1.0, 0.5, 0.25]
   """
@@ -90,7 +91,8 @@ def keras_cosine_decay(
 
   Examples:
     >>> from amsgrad_jax import interop
-    >>> schedule = interop.keras_cosine_decay(0.0, 2, warmup_target=1.0, warmup_steps=2)
+    >>> schedule = interop.keras_cosine_decay(0.0, 2, warmup_target=1.0,
+    ...                                       warmup_steps=2)
     >>> [round(float(schedule(n)), 6) for n in range(5)]
     [0.0, 0.5, 1.0, 0.5, 0.0]
   """

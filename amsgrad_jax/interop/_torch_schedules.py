@@ -295,7 +295,9 @@ def torch_one_cycle_lr(
 
   Examples:
     >>> from amsgrad_jax import interop
-    >>> schedule = interop.torch_one_cycle_lr(1.0, total_steps=10, anneal_strategy="linear")
+    >>> schedule = interop.torch_one_cycle_lr(
+    ...   1.0, total_steps=10, anneal_strategy="linear"
+    ... )
     >>> [round(float(schedule(n)), 4) for n in (0, 2, 9)]
     [0.04, 1.0, 0.0]
   """
