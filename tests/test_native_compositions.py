@@ -270,3 +270,31 @@ def test_pytorch_parity_with_clipping_in_front():
         params[name], expected, rtol=1e-5, atol=1e-5 * scale, err_msg=f"step {number + 1}"
       )
   assert 0 < clipped < len(grads)  # both sides of the threshold were exercised
+
+
+@pytest.mark.parametrize(
+  ("make", "gradient_reads"),
+  [
+    (lambda: amsgrad_jax.skip_nonfinite(amsgrad_jax.amsgrad(1e-2), 3), 0),
+    (
+      lambda: amsgrad_jax.skip_nonfinite(
+        optax.chain(optax.clip_by_global_norm(1.0), amsgrad_jax.amsgradw(1e-2)), 3
+      ),
+      1,  # the norm
+    ),
+  ],
+)
+def test_the_guard_reads_the_gradients_only_in_the_kernel(make, gradient_reads):
+  """The check kernel tests every gradient it reads, so XLA needs no pass of its own."""
+  tx = make()
+  params = {"w": jnp.ones((1 << 16,))}
+  state = tx.init(params)
+
+  def train_step(params, state, grads):
+    return amsgrad_jax.apply_step(tx, grads, state, params)
+
+  step = jax.jit(train_step, donate_argnums=(0, 1))
+  entry = step.lower(params, state, params).compile().as_text().split("ENTRY")[1]
+  reads = [line for line in entry.splitlines() if re.search(r" fusion\(%g", line)]
+  assert len(reads) == gradient_reads, reads
+  assert 'custom_call_target="amsgrad_jax_check"' in entry

@@ -30,8 +30,9 @@ import optax
 
 from amsgrad_jax import _guard, _numerics
 from amsgrad_jax._aliases import OPTIONS_ATTRIBUTE
+from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._native._alias_step import GradScale, alias_check, alias_step
-from amsgrad_jax._native._plan import Fallback, plan
+from amsgrad_jax._native._plan import Fallback, Plan, plan
 from amsgrad_jax._options import AliasOptions
 
 
@@ -151,11 +152,15 @@ def _describe(fn: Any) -> str:
   return f"{getattr(fn, '__module__', '')}.{qualname}".strip(".")
 
 
-def _alias(options: AliasOptions, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+def _plan(options: AliasOptions, grads: Any, state: Any, params: Any) -> Plan:
   decision = plan(options, grads, state, params)
   if isinstance(decision, Fallback):
     raise Unsupported(decision.reason)
-  new_params, new_state = alias_step(decision, grads, params, clip)
+  return decision
+
+
+def _alias(options: AliasOptions, grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+  new_params, new_state = alias_step(_plan(options, grads, state, params), grads, params, clip)
   return jax.tree.map(Written, new_params), new_state
 
 
@@ -184,24 +189,45 @@ def _is_clip_by_global_norm(fn: Any) -> bool:
   return _optax_kind(_unwrap(fn)) == "clip_by_global_norm"
 
 
-def _chain(closure: Mapping[str, Any], grads: Any, state: Any, params: Any, clip: Any) -> tuple:
-  """``optax.chain``: what precedes the last transformation runs in JAX on the gradients
-  (a global-norm clip right before it is deferred to the kernel); the last one walks."""
+@dataclass(frozen=True)
+class _ChainFront:
+  """A chain's transformations before its last, applied: the gradients (and pending clip)
+  the last one receives, the chain's new states before it, and whether any of them
+  changed the gradients in JAX (a deferred clip does not)."""
+
+  last: Any
+  grads: Any
+  clip: GradScale | None
+  states: list[Any]
+  transformed: bool
+
+
+def _chain_front(
+  closure: Mapping[str, Any], grads: Any, state: Any, params: Any, clip: Any
+) -> _ChainFront:
+  """What precedes a chain's last transformation runs in JAX on the gradients, as the
+  chain runs it; a global-norm clip right before the last one is deferred to the kernel."""
   update_fns = list(closure["update_fns"])
   if not isinstance(state, tuple) or len(state) != len(update_fns) or not update_fns:
     raise Unsupported("opt_state is not the state this chain's init builds")
   *before, last = update_fns
-  new_state = list(state)
+  states, transformed = list(state[:-1]), False
   for index, fn in enumerate(before):
     if _is_clip_by_global_norm(fn) and index == len(before) - 1:
       grads = materialize(grads, clip)
       max_norm = inspect.getclosurevars(_unwrap(fn)).nonlocals["max_norm"]
       clip = _clip_scale(max_norm, grads)
       continue
-    grads, new_state[index] = fn(materialize(grads, clip), state[index], params)
-    clip = None
-  outcome, new_state[-1] = _walk(last, grads, state[-1], params, clip)
-  return outcome, tuple(new_state)
+    grads, states[index] = fn(materialize(grads, clip), state[index], params)
+    clip, transformed = None, True
+  return _ChainFront(last, grads, clip, states, transformed)
+
+
+def _chain(closure: Mapping[str, Any], grads: Any, state: Any, params: Any, clip: Any) -> tuple:
+  """``optax.chain``: the front runs in JAX (:func:`_chain_front`); the last one walks."""
+  front = _chain_front(closure, grads, state, params, clip)
+  outcome, last_state = _walk(front.last, front.grads, state[-1], params, front.clip)
+  return outcome, (*front.states, last_state)
 
 
 # ---- injected hyperparameters -------------------------------------------------------------
@@ -212,16 +238,14 @@ def _inject_hyperparams(
 ) -> tuple:
   """``optax.inject_hyperparams``: the hyperparameters as Optax forms them each step; the
   inner optimizer is rebuilt from them, so they reach the kernel as operands."""
-  new_state = _inject_hyperparams_state(closure, state, params)
-  inner = optax.with_extra_args_support(
-    closure["inner_factory"](**closure["other_hps"], **new_state.hyperparams)
-  )
-  outcome, inner_state = _walk(inner.update, grads, state.inner_state, params, clip)
+  new_state, inner_update = _injected(closure, state, params)
+  outcome, inner_state = _walk(inner_update, grads, state.inner_state, params, clip)
   return outcome, new_state._replace(inner_state=inner_state)
 
 
-def _inject_hyperparams_state(closure: Mapping[str, Any], state: Any, params: Any) -> Any:
-  """The wrapper's new state, its old inner state inside: this step's hyperparameters."""
+def _injected(closure: Mapping[str, Any], state: Any, params: Any) -> tuple[Any, Any]:
+  """The wrapper's new state (its old inner state inside), with this step's
+  hyperparameters, and the update function of the inner optimizer built from them."""
   from optax.schedules import _inject  # the same conversion the wrapper applies
 
   fields = ("count", "hyperparams", "hyperparams_states", "inner_state")
@@ -238,12 +262,14 @@ def _inject_hyperparams_state(closure: Mapping[str, Any], state: Any, params: An
       for k, f in sched_hps.items()
     }
   )
-  return type(state)(
+  new_state = type(state)(
     count=optax.safe_increment(state.count),
     hyperparams=hparams,
     hyperparams_states={k: f.update(state.hyperparams_states[k]) for k, f in sched_hps.items()},
     inner_state=state.inner_state,
   )
+  inner = closure["inner_factory"](**closure["other_hps"], **hparams)
+  return new_state, optax.with_extra_args_support(inner).update
 
 
 # ---- masks and parameter groups --------------------------------------------------------------
@@ -370,9 +396,9 @@ def _skip_nonfinite(
   (does it leave everything finite?), then runs it only if accepted (``lax.cond``); a
   rejected step leaves the parameters and the state exactly as they were."""
   inner_update = optax.with_extra_args_support(inner).update
-  is_finite = _guard.all_finite(grads) & _finite_step(
-    inner_update, grads, state.inner_state, params, clip
-  )
+  is_finite, grads_checked = _finite_step(inner_update, grads, state.inner_state, params, clip)
+  if not grads_checked:  # the kernel saw gradients that JAX transformed first
+    is_finite = is_finite & _guard.all_finite(grads)
   notfinite_count = jnp.where(
     is_finite, jnp.zeros([], jnp.int32), _numerics.safe_increment(state.notfinite_count)
   )
@@ -397,43 +423,30 @@ def _skip_nonfinite(
   return jax.tree.map(Written, new_params), new_state
 
 
-def _finite_step(fn: Any, grads: Any, state: Any, params: Any, clip: Any) -> jax.Array:
+def _finite_step(fn: Any, grads: Any, state: Any, params: Any, clip: Any) -> tuple[jax.Array, bool]:
   """Whether the step of ``fn`` would leave its updates and new state finite, computed
-  without taking it: the kernel reads the alias's buffers, JAX checks the rest."""
+  without taking it: the kernel reads the alias's buffers, JAX checks the rest. Also
+  whether that covered the incoming gradients: the kernel checks each gradient it reads,
+  and a deferred global-norm clip keeps a gradient finite exactly when it was (a
+  non-finite one makes the norm non-finite too, and ``g / norm`` then NaN)."""
   fn = _unwrap(fn)
   options = getattr(fn, OPTIONS_ATTRIBUTE, None)
   if isinstance(options, AliasOptions):
-    decision = plan(options, grads, state, params)
-    if isinstance(decision, Fallback):
-      raise Unsupported(decision.reason)
-    if not isinstance(
-      decision.opt_state[decision.amsgrad_index].mu, jax.Array | dict | list | tuple
-    ) or (type(decision.opt_state[decision.amsgrad_index].mu).__name__ == "FlatMoment"):
+    decision = _plan(options, grads, state, params)
+    if isinstance(decision.opt_state[decision.amsgrad_index].mu, FlatMoment):
       raise Unsupported("skip_nonfinite around an alias with flat_state=True")
-    return alias_check(decision, grads, params, clip)
+    return alias_check(decision, grads, params, clip), True
   kind = _optax_kind(fn)
   closure = inspect.getclosurevars(fn).nonlocals if kind is not None else {}
   if kind == "chain":
-    update_fns = list(closure["update_fns"])
-    *before, last = update_fns
-    finite = jnp.array(True)
-    for index, pre in enumerate(before):
-      if _is_clip_by_global_norm(pre) and index == len(before) - 1:
-        grads = materialize(grads, clip)
-        clip = _clip_scale(inspect.getclosurevars(_unwrap(pre)).nonlocals["max_norm"], grads)
-        continue
-      grads, pre_state = pre(materialize(grads, clip), state[index], params)
-      finite = finite & _guard.all_finite(pre_state)
-      clip = None
-    return finite & _finite_step(last, grads, state[-1], params, clip)
+    front = _chain_front(closure, grads, state, params, clip)
+    finite, checked = _finite_step(front.last, front.grads, state[-1], params, front.clip)
+    return finite & _guard.all_finite(front.states), checked and not front.transformed
   if kind == "inject_hyperparams":
     # The same hyperparameters the step computes (XLA computes them once for both).
-    new_state = _inject_hyperparams_state(closure, state, params)
-    inner = optax.with_extra_args_support(
-      closure["inner_factory"](**closure["other_hps"], **new_state.hyperparams)
-    )
-    finite = _guard.all_finite(new_state.hyperparams)
-    return finite & _finite_step(inner.update, grads, state.inner_state, params, clip)
+    new_state, inner_update = _injected(closure, state, params)
+    finite, checked = _finite_step(inner_update, grads, state.inner_state, params, clip)
+    return finite & _guard.all_finite(new_state.hyperparams), checked
   raise Unsupported(f"skip_nonfinite around {_describe(fn)} does not run natively")
 
 
