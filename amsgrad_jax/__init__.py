@@ -4,6 +4,7 @@ Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
 """
 
 from amsgrad_jax._aliases import amsgrad, amsgradw
+from amsgrad_jax._blockwise import Blockwise8, Blockwise8Array, blockwise8
 from amsgrad_jax._flat import FlatLayout, FlatMoment
 from amsgrad_jax._guard import skip_nonfinite
 from amsgrad_jax._native import NativeFallbackWarning, NativeStatus, apply_step, native_status
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
   "CONVENTIONS",
+  "Blockwise8",
+  "Blockwise8Array",
   "FlatLayout",
   "FlatMoment",
   "NativeFallbackWarning",
@@ -22,6 +25,7 @@ __all__ = [
   "amsgrad",
   "amsgradw",
   "apply_step",
+  "blockwise8",
   "native_status",
   "scale_by_amsgrad",
   "skip_nonfinite",

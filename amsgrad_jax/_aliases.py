@@ -6,7 +6,7 @@ from typing import Any
 
 import optax
 
-from amsgrad_jax import _validation
+from amsgrad_jax import _rounding, _validation
 from amsgrad_jax._options import (
   AliasOptions,
   AmsgradOptions,
@@ -34,6 +34,8 @@ class AliasTransformation(optax.GradientTransformationExtraArgs):
   ) -> AliasTransformation:
     name = "amsgradw" if options is not None and options.decoupled else "amsgrad"
 
+    stochastic = options is not None and options.param_rounding == "stochastic"
+
     def update_fn(
       updates: optax.Updates,
       state: optax.OptState,
@@ -41,13 +43,28 @@ class AliasTransformation(optax.GradientTransformationExtraArgs):
       **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
       _validation.check_initialised(state, f"{name}'s update")
-      return chain.update(updates, state, params, **extra_args)
+      if stochastic and params is None:
+        raise ValueError(
+          f'{name}(param_rounding="stochastic") rounds the new parameters, so its update '
+          "needs them: call tx.update(grads, opt_state, params)."
+        )
+      updates, state = chain.update(updates, state, params, **extra_args)
+      if stochastic:
+        assert options is not None
+        count = state[amsgrad_position(options)].count
+        updates = _rounding.rounded_updates(params, updates, options.rounding_seed, count)
+      return updates, state
 
     if options is not None:  # how apply_step finds the alias inside Optax's wrappers
       setattr(update_fn, OPTIONS_ATTRIBUTE, options)
     transformation = super().__new__(cls, chain.init, update_fn)
     transformation.options = options
     return transformation
+
+
+def amsgrad_position(options: AliasOptions) -> int:
+  """Where :func:`scale_by_amsgrad`'s state sits in an alias's chain state."""
+  return 0 if options.decoupled else 1
 
 
 def _gradients_checked(decay: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -27,6 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amsgrad_jax._blockwise import Blockwise8, Blockwise8Array, exponents_shape
+from amsgrad_jax._blockwise import zeros_like_param as _blockwise_zeros_like
+
 
 @dataclass(frozen=True)
 class FlatLayout:
@@ -109,29 +112,77 @@ class FlatMoment:
   buffers: dict[str, jax.Array]
   layout: FlatLayout = field(metadata={"static": True})
 
-  def leaves(self) -> list[jax.Array]:
+  def leaves(self) -> list[Any]:
     """Each leaf's moment, shaped like its parameter (slices of the buffers)."""
-    return [
-      jax.lax.slice(self.buffers[group], (offset,), (offset + math.prod(shape),)).reshape(shape)
-      for (shape, group), offset in zip(self.layout.leaf_specs(), self.layout.offsets, strict=True)
-    ]
+    leaves: list[Any] = []
+    exponents_at: dict[str, int] = {}
+    for (shape, group), offset in zip(self.layout.leaf_specs(), self.layout.offsets, strict=True):
+      buffer = self.buffers[group]
+      if not isinstance(buffer, Blockwise8Array):
+        leaves.append(_slice(buffer, offset, shape))
+        continue
+      start = exponents_at.get(group, 0)
+      blocks = exponents_shape(shape, buffer.block_size)
+      exponents_at[group] = start + math.prod(blocks)
+      leaves.append(
+        Blockwise8Array(
+          _slice(buffer.codes, offset, shape),
+          _slice(buffer.exponents, start, blocks),
+          buffer.block_size,
+          buffer.signed,
+        )
+      )
+    return leaves
 
   @staticmethod
-  def pack(layout: FlatLayout, leaves: list[jax.Array]) -> FlatMoment:
+  def pack(layout: FlatLayout, leaves: list[Any]) -> FlatMoment:
     """The moment whose leaf ``i`` is ``leaves[i]`` (the inverse of :meth:`leaves`)."""
-    members: dict[str, list[jax.Array]] = {}
+    members: dict[str, list[Any]] = {}
     for leaf, group in zip(leaves, layout.groups, strict=True):
-      members.setdefault(group, []).append(jnp.ravel(leaf))
-    buffers = {
-      group: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-      for group, parts in members.items()
-    }
+      members.setdefault(group, []).append(leaf)
+    buffers: dict[str, Any] = {}
+    for group, parts in members.items():
+      if isinstance(parts[0], Blockwise8Array):
+        buffers[group] = Blockwise8Array(
+          _concatenate([part.codes for part in parts]),
+          _concatenate([part.exponents for part in parts]),
+          parts[0].block_size,
+          parts[0].signed,
+        )
+      else:
+        buffers[group] = _concatenate(parts)
     return FlatMoment(buffers, layout)
 
 
-def flat_zeros(layout: FlatLayout, dtype_of: dict[str, np.dtype]) -> FlatMoment:
-  """Zeros in every group, group ``g`` stored in ``dtype_of[g]``."""
-  buffers = {group: jnp.zeros((size,), dtype_of[group]) for group, size in layout.sizes().items()}
+def _slice(buffer: jax.Array, start: int, shape: tuple[int, ...]) -> jax.Array:
+  return jax.lax.slice(buffer, (start,), (start + math.prod(shape),)).reshape(shape)
+
+
+def _concatenate(parts: list[jax.Array]) -> jax.Array:
+  raveled = [jnp.ravel(part) for part in parts]
+  return raveled[0] if len(raveled) == 1 else jnp.concatenate(raveled)
+
+
+def flat_zeros(layout: FlatLayout, dtype_of: dict[str, Any], signed: bool) -> FlatMoment:
+  """Zeros in every group, group ``g`` stored in ``dtype_of[g]`` (a dtype, or a
+  :class:`~amsgrad_jax.Blockwise8` format, whose ``mu`` code is ``signed``)."""
+  buffers: dict[str, Any] = {}
+  for group, size in layout.sizes().items():
+    stored = dtype_of[group]
+    if not isinstance(stored, Blockwise8):
+      buffers[group] = jnp.zeros((size,), stored)
+      continue
+    parts = [
+      _blockwise_zeros_like(jax.ShapeDtypeStruct(shape, np.float32), stored.block_size, signed)
+      for shape, leaf_group in layout.leaf_specs()
+      if leaf_group == group
+    ]
+    buffers[group] = Blockwise8Array(
+      _concatenate([part.codes for part in parts]),
+      _concatenate([part.exponents for part in parts]),
+      stored.block_size,
+      signed,
+    )
   return FlatMoment(buffers, layout)
 
 

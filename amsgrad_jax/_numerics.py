@@ -55,15 +55,23 @@ def real_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jnp.finfo(dtype).dtype)
 
 
-def state_dtype(param_dtype: Any, requested: np.dtype | None) -> np.dtype:
+def state_dtype(param_dtype: Any, requested: Any) -> Any:
   """The storage dtype of one state buffer for a parameter of ``param_dtype``.
 
   ``requested`` (``mu_dtype`` / ``nu_dtype``) names the precision; a complex
-  parameter keeps complex state of that precision.
+  parameter keeps complex state of that precision. A block-wise format (an object with a
+  ``block_size``) is returned as it is, for real parameters.
   """
   param_dtype = np.dtype(param_dtype)
   if requested is None:
     return param_dtype
+  if hasattr(requested, "block_size"):
+    if jnp.issubdtype(param_dtype, jnp.complexfloating):
+      raise ValueError(
+        f"{requested!r} state is for real parameters; a parameter is {param_dtype} "
+        "(store complex parameters' state in complex64 or complex128)."
+      )
+    return requested
   param_is_complex = jnp.issubdtype(param_dtype, jnp.complexfloating)
   requested_is_complex = jnp.issubdtype(requested, jnp.complexfloating)
   if param_is_complex and not requested_is_complex:

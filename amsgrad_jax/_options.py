@@ -110,9 +110,23 @@ class AliasOptions(TransformOptions, _LearningRate):
     "moments.",
   )
 
+  param_rounding: str = option(
+    "nearest",
+    doc='how bfloat16 and float16 parameters take their step: ``"nearest"`` (as '
+    '``optax.apply_updates``) or ``"stochastic"`` (up or down at random, in proportion '
+    "to the distance, so that small steps are not lost; the update then needs ``params``). "
+    "Wider parameters are unaffected.",
+  )
+  rounding_seed: int = option(
+    0,
+    doc='the seed of ``param_rounding="stochastic"``, an integer in ``[0, 2**32)``: with '
+    "the step count, it fixes every random bit, so a resumed run repeats them.",
+  )
+
   def __post_init__(self) -> None:
     _validation.check_learning_rate(self.learning_rate)
     _validation.check_weight_decay(self.weight_decay)
+    _validation.check_rounding(self.param_rounding, self.rounding_seed)
     super().__post_init__()
 
   @property

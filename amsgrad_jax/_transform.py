@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from amsgrad_jax import _numerics, _validation
+from amsgrad_jax import _blockwise, _numerics, _validation
+from amsgrad_jax._blockwise import Blockwise8
 from amsgrad_jax._flat import FlatLayout, FlatMoment, flat_zeros
 from amsgrad_jax._options import TransformOptions, built_from
 from amsgrad_jax._rules import Coefficients, Rule, amsgrad_step
@@ -92,6 +93,8 @@ def leaf_update(
   independent reals when ``rule.complex_as_pairs`` (PyTorch's ``view_as_real``),
   else with one shared ``|g|^2`` moment kept in the real part of ``nu``.
   """
+  if any(_blockwise.is_blockwise(x) for x in (mu, nu, nu_max)):
+    return _blockwise_leaf_update(g, mu, nu, nu_max, scalars_for)
   dtype = _numerics.real_dtype(_numerics.compute_dtype(g.dtype, mu.dtype, nu.dtype, nu_max.dtype))
   s = scalars_for(dtype)
   if not jnp.iscomplexobj(g):
@@ -122,6 +125,35 @@ def leaf_update(
     mu_c.astype(mu.dtype),
     nu_c.astype(nu.dtype),
     _numerics.cast_rounding_up(nu_max_c, nu_max.dtype),
+  )
+
+
+def _blockwise_leaf_update(
+  g: jax.Array, mu: Any, nu: Any, nu_max: Any, scalars_for: Any
+) -> tuple[jax.Array, Any, Any, Any]:
+  """:func:`leaf_update` where a moment is stored in :func:`~amsgrad_jax.blockwise8`:
+  float32 arithmetic on the decoded values, ``mu`` and ``nu`` stored to nearest, the
+  running maximum rounded up (see :mod:`amsgrad_jax._blockwise`)."""
+  widths = [x.dtype for x in (g, mu, nu, nu_max) if not _blockwise.is_blockwise(x)]
+  dtype = _numerics.compute_dtype(*widths)
+
+  def load(x: Any) -> jax.Array:
+    return _blockwise.dequantize(x).astype(dtype) if _blockwise.is_blockwise(x) else x.astype(dtype)
+
+  def store(value: jax.Array, like: Any, upward: bool) -> Any:
+    if not _blockwise.is_blockwise(like):
+      return _numerics.cast_rounding_up(value, like.dtype) if upward else value.astype(like.dtype)
+    narrow = _numerics.cast_rounding_up(value, jnp.float32) if upward else value.astype(jnp.float32)
+    return _blockwise.quantize(narrow, like.block_size, like.signed, upward)
+
+  (update,), (mu_c,), nu_c, nu_max_c = _moments_and_step(
+    [g.astype(dtype)], [load(mu)], load(nu), load(nu_max), scalars_for(dtype)
+  )
+  return (
+    update.astype(g.dtype),
+    store(mu_c, mu, upward=False),
+    store(nu_c, nu, upward=False),
+    store(nu_max_c, nu_max, upward=True),
   )
 
 
@@ -202,16 +234,20 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
     if options.flat_state:
       return _flat_init(params, mu_dtype, nu_dtype)
 
-    def zeros(dtype: Any) -> optax.Updates:
-      return jax.tree.map(
-        lambda p: _numerics.zeros_like_param(
-          p, _numerics.state_dtype(_numerics.leaf_dtype(p), dtype)
-        ),
-        params,
-      )
+    def zeros(dtype: Any, signed: bool) -> optax.Updates:
+      def leaf(p: Any) -> Any:
+        stored = _numerics.state_dtype(_numerics.leaf_dtype(p), dtype)
+        if isinstance(stored, Blockwise8):
+          return _blockwise.zeros_like_param(p, stored.block_size, signed)
+        return _numerics.zeros_like_param(p, stored)
+
+      return jax.tree.map(leaf, params)
 
     return ScaleByAmsgradState(
-      count=jnp.zeros([], jnp.int32), mu=zeros(mu_dtype), nu=zeros(nu_dtype), nu_max=zeros(nu_dtype)
+      count=jnp.zeros([], jnp.int32),
+      mu=zeros(mu_dtype, signed=True),
+      nu=zeros(nu_dtype, signed=False),
+      nu_max=zeros(nu_dtype, signed=False),
     )
 
   def update_fn(
@@ -221,7 +257,7 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
     _validation.check_initialised(state, "scale_by_amsgrad's update")
     flat = isinstance(state.mu, FlatMoment)
     if not flat:
-      _validation.check_same_structure(updates, state.mu)
+      _validation.check_same_structure(updates, _blockwise.shapes_of(state.mu))
     elif not state.mu.layout.covers(updates):  # then the trees or the shapes differ
       _validation.check_same_structure(updates, state.mu.layout.template())
     _validation.check_float_leaves(updates, "gradients")
@@ -237,7 +273,7 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
     # Python scalars and NumPy float64 arrays (without x64) become the arrays JAX makes of them.
     grads = [jnp.asarray(g) for g in grads]
     moments = (state.mu, state.nu, state.nu_max)
-    buffers = (m.leaves() if flat else jax.tree.leaves(m) for m in moments)
+    buffers = (m.leaves() if flat else _blockwise.moment_leaves(m) for m in moments)
     results = [
       leaf_update(g, mu, nu, nu_max, rule, scalars_for)
       for g, mu, nu, nu_max in zip(grads, *buffers, strict=True)
@@ -260,11 +296,13 @@ def _flat_init(params: optax.Params, mu_dtype: Any, nu_dtype: Any) -> ScaleByAms
   layout = FlatLayout.of(leaves, treedef, dtypes)
   by_group = {dtype.name: dtype for dtype in dtypes}
 
-  def zeros(requested: Any) -> FlatMoment:
-    return flat_zeros(
-      layout, {name: _numerics.state_dtype(dtype, requested) for name, dtype in by_group.items()}
-    )
+  def zeros(requested: Any, signed: bool) -> FlatMoment:
+    stored = {name: _numerics.state_dtype(dtype, requested) for name, dtype in by_group.items()}
+    return flat_zeros(layout, stored, signed)
 
   return ScaleByAmsgradState(
-    count=jnp.zeros([], jnp.int32), mu=zeros(mu_dtype), nu=zeros(nu_dtype), nu_max=zeros(nu_dtype)
+    count=jnp.zeros([], jnp.int32),
+    mu=zeros(mu_dtype, signed=True),
+    nu=zeros(nu_dtype, signed=False),
+    nu_max=zeros(nu_dtype, signed=False),
   )

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amsgrad_jax._blockwise import Blockwise8
 from amsgrad_jax._rules import CONVENTIONS, RULES
 
 
@@ -131,16 +132,19 @@ def check_flag(name: str, value: Any) -> None:
     raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
-def canonical_state_dtype(name: str, dtype: Any) -> jnp.dtype | None:
-  """``dtype`` as a floating or complex numpy dtype, or ``None`` for "like the parameter"."""
-  if dtype is None:
-    return None
+def canonical_state_dtype(name: str, dtype: Any) -> Any:
+  """``dtype`` as a floating or complex numpy dtype, or ``None`` for "like the parameter",
+  or a :class:`~amsgrad_jax.Blockwise8` format as given."""
+  if dtype is None or isinstance(dtype, Blockwise8):
+    return dtype
   try:
     canonical = jnp.dtype(dtype)
   except TypeError as error:
-    raise ValueError(f"{name} must be a floating dtype or None, got {dtype!r}.") from error
+    raise ValueError(
+      f"{name} must be a floating dtype, blockwise8() or None, got {dtype!r}."
+    ) from error
   if not jnp.issubdtype(canonical, jnp.inexact):
-    raise ValueError(f"{name} must be a floating dtype or None, got {canonical}.")
+    raise ValueError(f"{name} must be a floating dtype, blockwise8() or None, got {canonical}.")
   return canonical
 
 
@@ -213,3 +217,15 @@ def _short(items: Iterable[str], limit: int = 5) -> str:
   items = list(items)
   shown = ", ".join(items[:limit])
   return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_rounding(mode: Any, seed: Any) -> None:
+  """Raise ``ValueError`` for an unknown ``param_rounding`` or a seed that is not a uint32."""
+  if mode not in ("nearest", "stochastic"):
+    raise ValueError(f'param_rounding must be "nearest" or "stochastic", got {mode!r}.')
+  if hasattr(seed, "dtype") and np.shape(seed) == () and jnp.issubdtype(seed.dtype, jnp.integer):
+    if isinstance(seed, jax.core.Tracer):
+      return  # injected by optax.inject_hyperparams
+    seed = int(seed)
+  if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+    raise ValueError(f"rounding_seed must be an integer in [0, 2**32), got {seed!r}.")

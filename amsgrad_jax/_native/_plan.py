@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import optax
 
+from amsgrad_jax._blockwise import Blockwise8
 from amsgrad_jax._flat import FlatLayout, FlatMoment
 from amsgrad_jax._native import _loader
 from amsgrad_jax._native._interface import Decay
@@ -68,6 +69,10 @@ def plan(options: AliasOptions, grads: Any, opt_state: Any, params: Any) -> Plan
   Python numbers or scalars (traced ones under ``optax.inject_hyperparams``); they enter
   the kernel as operands either way.
   """
+  if options.param_rounding != "nearest":
+    return Fallback(f"param_rounding={options.param_rounding!r}: the kernel rounds to nearest")
+  if any(isinstance(d, Blockwise8) for d in (options.mu_dtype, options.nu_dtype)):
+    return Fallback("blockwise8 state: the kernel takes float32, bfloat16 or float64 state")
   if callable(options.weight_decay):
     return Fallback("weight_decay is a schedule; the native step takes a number")
   if not (callable(options.learning_rate) or _scalar(options.learning_rate)):
