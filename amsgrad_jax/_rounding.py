@@ -29,7 +29,7 @@ ROUNDING_MODES = ("nearest", "stochastic")
 NARROW_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 _GOLDEN = np.uint32(0x9E3779B9)
-_LEAF = np.uint32(0x85EBCA6B)
+LEAF_MULTIPLIER = np.uint32(0x85EBCA6B)
 
 
 def mix(x: jax.Array) -> jax.Array:
@@ -51,7 +51,7 @@ def step_key(seed: Any, count: jax.Array) -> jax.Array:
 
 def leaf_bits(key: jax.Array, leaf: int, shape: tuple[int, ...]) -> jax.Array:
   """32 random bits per element of leaf number ``leaf`` (in tree order), from ``key``."""
-  leaf_key = mix(key + np.uint32((leaf * int(_LEAF)) & 0xFFFFFFFF))
+  leaf_key = mix(key + np.uint32((leaf * int(LEAF_MULTIPLIER)) & 0xFFFFFFFF))
   index = jax.lax.broadcasted_iota(jnp.uint32, (int(np.prod(shape)),), 0).reshape(shape)
   return mix(mix(index + leaf_key) ^ key)
 

@@ -7,6 +7,7 @@ functions the Optax path uses, and passed to the kernel as an operand.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -16,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amsgrad_jax import _numerics
+from amsgrad_jax import _numerics, _rounding
+from amsgrad_jax._blockwise import Blockwise8Array, is_blockwise, moment_leaves
 from amsgrad_jax._flat import FlatLayout, FlatMoment
 from amsgrad_jax._native import _interface
-from amsgrad_jax._native._interface import Decay
+from amsgrad_jax._native._interface import Decay, Rounding
 from amsgrad_jax._native._plan import Plan
 from amsgrad_jax._native._sharding import per_shard
 from amsgrad_jax._transform import ScaleByAmsgradState, step_scalars
@@ -59,13 +61,18 @@ def alias_check(plan: Plan, grads: Any, params: Any, clip: GradScale | None) -> 
   return jnp.all(jnp.stack(flags) == 1)
 
 
-def _groups(leaves: list[tuple[jax.Array, ...]], decay: list[Decay]) -> dict[tuple, list[int]]:
-  """Leaf indices by (param, mu, nu dtype, decay mode): one kernel call each (or more)."""
+def _groups(leaves: list[tuple[Any, ...]], decay: list[Decay]) -> dict[tuple, list[int]]:
+  """Leaf indices by (param, mu, nu storage, decay mode): one kernel call each (or more).
+  A :func:`~amsgrad_jax.blockwise8` moment's storage is its block size."""
+
+  def storage(moment: Any) -> Any:
+    return moment.block_size if is_blockwise(moment) else np.dtype(moment.dtype)
+
   groups: dict[tuple[Any, ...], list[int]] = {}
   for index, (p, _, mu, nu, _) in enumerate(leaves):
     if p.size == 0:
       continue
-    key = (np.dtype(p.dtype), np.dtype(mu.dtype), np.dtype(nu.dtype), decay[index])
+    key = (np.dtype(p.dtype), storage(mu), storage(nu), decay[index])
     groups.setdefault(key, []).append(index)
   return groups
 
@@ -76,7 +83,8 @@ def alias_step(plan: Plan, grads: Any, params: Any, clip: GradScale | None) -> t
   count = _numerics.safe_increment(state.count)
   scalars_for = _scalars(plan, clip)
   step = _flat_layout_step if isinstance(state.mu, FlatMoment) else _tree_layout_step
-  new_params, mu, nu, nu_max = step(state, grads, params, plan.decay, scalars_for)
+  rounding = Rounding.STOCHASTIC if plan.options.param_rounding == "stochastic" else Rounding.NEAREST
+  new_params, mu, nu, nu_max = step(state, grads, params, plan.decay, scalars_for, rounding)
   new_state = list(plan.opt_state)
   new_state[plan.amsgrad_index] = ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
   if plan.schedule_index is not None:
@@ -94,8 +102,15 @@ def _scalars(plan: Plan, clip: GradScale | None) -> Callable[..., jax.Array]:
   count = _numerics.safe_increment(state.count)
   step_size = _step_size(plan)
 
+  key = (
+    _rounding.step_key(options.rounding_seed, count)
+    if options.param_rounding == "stochastic"
+    else jnp.zeros((), jnp.uint32)
+  )
+
   def scalars_for(param_dtype: np.dtype, mu_dtype: Any, nu_dtype: Any) -> jax.Array:
-    compute = _numerics.real_dtype(_numerics.compute_dtype(param_dtype, mu_dtype, nu_dtype))
+    widths = [d for d in (param_dtype, mu_dtype, nu_dtype) if not isinstance(d, int)]
+    compute = _numerics.real_dtype(_numerics.compute_dtype(*widths))
     s = step_scalars(options, count, compute)
     ones = jnp.ones((), param_dtype)
 
@@ -117,6 +132,8 @@ def _scalars(plan: Plan, clip: GradScale | None) -> Callable[..., jax.Array]:
       "grad_multiplier": 1.0
       if clip is None
       else _unless(clip.trigger, in_param_dtype(clip.max_norm)),
+      "round_key_high": key >> 16,
+      "round_key_low": key & np.uint32(0xFFFF),
     }
     return jnp.stack([jnp.asarray(values[name]).astype(compute) for name in _interface.SCALARS])
 
@@ -129,22 +146,55 @@ def _tree_layout_step(
   params: Any,
   decay: list[Decay],
   scalars_for: Callable[..., jax.Array],
+  rounding: Rounding,
 ) -> tuple[Any, Any, Any, Any]:
   """New params, mu, nu and nu_max: one kernel call per dtype group (and decay mode), in
   calls of at most :data:`LEAVES_PER_CALL` leaves."""
   param_leaves, treedef = jax.tree.flatten(params)
-  columns = [param_leaves, *(jax.tree.leaves(t) for t in (grads, state.mu, state.nu, state.nu_max))]
+  moments = (state.mu, state.nu, state.nu_max)
+  columns = [param_leaves, jax.tree.leaves(grads), *(moment_leaves(m) for m in moments)]
   leaves = list(zip(*columns, strict=True))
-  results: list[tuple[jax.Array, ...]] = [(p, mu, nu, nu_max) for p, _, mu, nu, nu_max in leaves]
+  results: list[tuple[Any, ...]] = [(p, mu, nu, nu_max) for p, _, mu, nu, nu_max in leaves]
 
-  for (param_dtype, mu_dtype, nu_dtype, mode), indices in _groups(leaves, decay).items():
-    scalars = scalars_for(param_dtype, mu_dtype, nu_dtype)
+  for (param_dtype, mu_storage, nu_storage, mode), indices in _groups(leaves, decay).items():
+    scalars = scalars_for(param_dtype, mu_storage, nu_storage)
     for start in range(0, len(indices), LEAVES_PER_CALL):
       batch = indices[start : start + LEAVES_PER_CALL]
-      outputs = per_shard(_interface.tree_call, scalars, [leaves[i] for i in batch], mode)
+      if isinstance(mu_storage, int):
+        outputs = _blockwise_call(scalars, [leaves[i] for i in batch], mode, rounding, batch)
+      else:
+        kernel = functools.partial(_interface.tree_call, rounding=rounding, leaf_ids=batch)
+        outputs = per_shard(kernel, scalars, [leaves[i] for i in batch], mode)
       for index, output in zip(batch, outputs, strict=True):
         results[index] = output
   return tuple(jax.tree.unflatten(treedef, [r[i] for r in results]) for i in range(4))
+
+
+def _blockwise_call(
+  scalars: jax.Array,
+  leaves: list[tuple[Any, ...]],
+  mode: Decay,
+  rounding: Rounding,
+  leaf_ids: list[int],
+) -> list[tuple[Any, ...]]:
+  """The kernel over leaves whose moments are :class:`~amsgrad_jax.Blockwise8Array`:
+  each leaf's new ``(params, mu, nu, nu_max)``."""
+  operands = [
+    (p, g, *(x for m in (mu, nu, nu_max) for x in (m.codes, m.exponents)))
+    for p, g, mu, nu, nu_max in leaves
+  ]
+  block_size = leaves[0][2].block_size
+  outputs = _interface.blockwise_call(
+    scalars, operands, mode, block_size=block_size, rounding=rounding, leaf_ids=leaf_ids
+  )
+  results = []
+  for (_, _, *stored), (p, *parts) in zip(leaves, outputs, strict=True):
+    new = [
+      Blockwise8Array(codes, exponents, m.block_size, m.signed)
+      for m, codes, exponents in zip(stored, parts[0::2], parts[1::2], strict=True)
+    ]
+    results.append((p, *new))
+  return results
 
 
 def _flat_layout_step(
@@ -153,6 +203,7 @@ def _flat_layout_step(
   params: Any,
   decay: list[Decay],
   scalars_for: Callable[..., jax.Array],
+  rounding: Rounding,
 ) -> tuple[Any, Any, Any, Any]:
   """As :func:`_tree_layout_step` for the flat layout: each call updates its leaves'
   parameters and their ranges of the group's three buffers, which pass from call to call
@@ -178,7 +229,9 @@ def _flat_layout_step(
       batch = indices[start : start + LEAVES_PER_CALL]
       leaves = [(param_leaves[i], grad_leaves[i]) for i in batch]
       offsets = [layout.offsets[i] for i in batch]
-      buffers, outputs = _interface.flat_call(scalars, buffers, leaves, offsets, mode)
+      buffers, outputs = _interface.flat_call(
+        scalars, buffers, leaves, offsets, mode, rounding=rounding, leaf_ids=batch
+      )
       for index, output in zip(batch, outputs, strict=True):
         new_params[index] = output
     moments[group] = buffers

@@ -31,6 +31,7 @@ import optax
 from amsgrad_jax import _guard, _numerics
 from amsgrad_jax._aliases import OPTIONS_ATTRIBUTE
 from amsgrad_jax._flat import FlatMoment
+from amsgrad_jax._blockwise import Blockwise8
 from amsgrad_jax._native._alias_step import GradScale, alias_check, alias_step
 from amsgrad_jax._native._plan import Fallback, Plan, plan
 from amsgrad_jax._options import AliasOptions
@@ -435,6 +436,8 @@ def _finite_step(fn: Any, grads: Any, state: Any, params: Any, clip: Any) -> tup
     decision = _plan(options, grads, state, params)
     if isinstance(decision.opt_state[decision.amsgrad_index].mu, FlatMoment):
       raise Unsupported("skip_nonfinite around an alias with flat_state=True")
+    if isinstance(decision.options.mu_dtype, Blockwise8):
+      raise Unsupported("skip_nonfinite around an alias with blockwise8 state")
     return alias_check(decision, grads, params, clip), True
   kind = _optax_kind(fn)
   closure = inspect.getclosurevars(fn).nonlocals if kind is not None else {}

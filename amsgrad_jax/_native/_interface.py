@@ -33,13 +33,17 @@ from typing import Any
 import jax
 import numpy as np
 
+from amsgrad_jax import _blockwise, _rounding
+
 TREE_TARGET = "amsgrad_jax_step"
 FLAT_TARGET = "amsgrad_jax_step_flat"
+BLOCKWISE_TARGET = "amsgrad_jax_step_blockwise"
 CHECK_TARGET = "amsgrad_jax_check"
 # The exported symbol of each target's handler.
 HANDLERS = {
   TREE_TARGET: "AmsgradJaxStep",
   FLAT_TARGET: "AmsgradJaxStepFlat",
+  BLOCKWISE_TARGET: "AmsgradJaxStepBlockwise",
   CHECK_TARGET: "AmsgradJaxCheck",
 }
 DESCRIBE_SYMBOL = "AmsgradJaxInterface"
@@ -61,6 +65,10 @@ SCALARS = (
   # parameter dtype as optax.clip_by_global_norm rounds them; 1 and 1 when not clipping.
   "grad_divisor",
   "grad_multiplier",
+  # The stochastic rounding's key of the step (_rounding.step_key), as two 16-bit halves,
+  # each exact in any compute dtype.
+  "round_key_high",
+  "round_key_low",
 )
 
 TREE_OPERANDS = ("params", "grads", "mu", "nu", "nu_max")
@@ -68,6 +76,17 @@ TREE_RESULTS = ("params", "mu", "nu", "nu_max")
 FLAT_STATE = ("mu", "nu", "nu_max")
 FLAT_LEAF_OPERANDS = ("params", "grads")
 FLAT_LEAF_RESULTS = ("params",)
+BLOCKWISE_OPERANDS = (
+  "params",
+  "grads",
+  "mu",
+  "mu_exponents",
+  "nu",
+  "nu_exponents",
+  "nu_max",
+  "nu_max_exponents",
+)
+BLOCKWISE_RESULTS = BLOCKWISE_OPERANDS[:1] + BLOCKWISE_OPERANDS[2:]
 
 
 class Decay(enum.IntEnum):
@@ -76,6 +95,26 @@ class Decay(enum.IntEnum):
   NONE = 0
   COUPLED = 1  # g + wd * p, before the moments (amsgrad)
   DECOUPLED = 2  # u + wd * p, after the step (amsgradw)
+
+
+class Rounding(enum.IntEnum):
+  """How a bfloat16 parameter takes its step (``param_rounding``)."""
+
+  NEAREST = 0
+  STOCHASTIC = 1
+
+
+def _constants() -> dict[str, int]:
+  """The numbers the kernel shares with the Optax path: the codes, the hash."""
+  return {
+    "code_mantissa_bits": _blockwise.MOMENT_CODE.mantissa_bits,
+    "moment_code_emin": _blockwise.MOMENT_CODE.emin,
+    "moment_code_largest": _blockwise.MOMENT_CODE.largest,
+    "square_code_emin": _blockwise.SQUARE_CODE.emin,
+    "square_code_largest": _blockwise.SQUARE_CODE.largest,
+    "code_highest_scale": _blockwise.HIGHEST_SCALE,
+    "round_leaf_multiplier": int(_rounding.LEAF_MULTIPLIER),
+  }
 
 
 def description() -> str:
@@ -87,8 +126,12 @@ def description() -> str:
     "flat_state": FLAT_STATE,
     "flat_leaf_operands": FLAT_LEAF_OPERANDS,
     "flat_leaf_results": FLAT_LEAF_RESULTS,
+    "blockwise_operands": BLOCKWISE_OPERANDS,
+    "blockwise_results": BLOCKWISE_RESULTS,
     "check_results": ("finite",),
     "decay": tuple(f"{code.name.lower()}={code.value}" for code in Decay),
+    "rounding": tuple(f"{code.name.lower()}={code.value}" for code in Rounding),
+    "constants": tuple(f"{name}={value}" for name, value in _constants().items()),
   }
   return ";".join(f"{key}={','.join(values)}" for key, values in parts.items())
 
@@ -110,9 +153,19 @@ def header() -> str:
     *indices("FlatState", FLAT_STATE, "kFlatStateBuffers"),
     *indices("FlatLeafOperand", FLAT_LEAF_OPERANDS, "kFlatOperandsPerLeaf"),
     *indices("FlatLeafResult", FLAT_LEAF_RESULTS, "kFlatResultsPerLeaf"),
+    *indices("BlockwiseOperand", BLOCKWISE_OPERANDS, "kBlockwiseOperandsPerLeaf"),
+    *indices("BlockwiseResult", BLOCKWISE_RESULTS, "kBlockwiseResultsPerLeaf"),
     "enum Decay : int64_t {",
     *(f"  kDecay{_camel(code.name.lower())} = {code.value}," for code in Decay),
     "};",
+    "enum Rounding : int64_t {",
+    *(f"  kRounding{_camel(code.name.lower())} = {code.value}," for code in Rounding),
+    "};",
+    *(
+      f"inline constexpr {'uint32_t' if value >= 2**31 else 'int'} k{_camel(name)} = "
+      f"{value}{'u' if value >= 2**31 else ''};"
+      for name, value in _constants().items()
+    ),
     f'inline constexpr char kInterface[] = "{description()}";',
   ]
   return "\n".join(lines) + "\n"
@@ -144,9 +197,18 @@ def check(reported: str) -> None:
 # ---- the two calls, as JAX sees them ------------------------------------------------------
 
 
-def tree_call(scalars: jax.Array, leaves: list[tuple[jax.Array, ...]], decay: Decay) -> list[tuple]:
+def tree_call(
+  scalars: jax.Array,
+  leaves: list[tuple[jax.Array, ...]],
+  decay: Decay,
+  *,
+  rounding: Rounding = Rounding.NEAREST,
+  leaf_ids: Sequence[int] = (),
+) -> list[tuple]:
   """One call over ``leaves``, each its :data:`TREE_OPERANDS`; returns each leaf's
-  :data:`TREE_RESULTS`, aliased to the operands of the same names."""
+  :data:`TREE_RESULTS`, aliased to the operands of the same names. ``leaf_ids``: each
+  leaf's position in the parameter tree (the stochastic rounding's leaf number)."""
+  leaf_ids = list(leaf_ids) or list(range(len(leaves)))
   per_in, per_out = len(TREE_OPERANDS), len(TREE_RESULTS)
   operands = [x for leaf in leaves for x in leaf]
   result_shapes = [
@@ -164,7 +226,50 @@ def tree_call(scalars: jax.Array, leaves: list[tuple[jax.Array, ...]], decay: De
   call = jax.ffi.ffi_call(
     TREE_TARGET, result_shapes, input_output_aliases=aliases, vmap_method="sequential"
   )
-  flat = call(scalars, *operands, decay=np.int64(decay))
+  flat = call(
+    scalars,
+    *operands,
+    decay=np.int64(decay),
+    rounding=np.int64(rounding),
+    leaf_ids=np.asarray(leaf_ids, np.int64),
+  )
+  return [tuple(flat[per_out * i : per_out * (i + 1)]) for i in range(len(leaves))]
+
+
+def blockwise_call(
+  scalars: jax.Array,
+  leaves: Sequence[tuple[jax.Array, ...]],
+  decay: Decay,
+  *,
+  block_size: int,
+  rounding: Rounding,
+  leaf_ids: Sequence[int],
+) -> list[tuple]:
+  """One call over leaves in :func:`~amsgrad_jax.blockwise8` storage, each its
+  :data:`BLOCKWISE_OPERANDS`; returns each leaf's :data:`BLOCKWISE_RESULTS`, aliased."""
+  per_in, per_out = len(BLOCKWISE_OPERANDS), len(BLOCKWISE_RESULTS)
+  at = {name: BLOCKWISE_OPERANDS.index(name) for name in BLOCKWISE_RESULTS}
+  result_shapes = [
+    jax.ShapeDtypeStruct(leaf[at[name]].shape, leaf[at[name]].dtype)
+    for leaf in leaves
+    for name in BLOCKWISE_RESULTS
+  ]
+  aliases = {
+    1 + per_in * i + at[name]: per_out * i + k
+    for i in range(len(leaves))
+    for k, name in enumerate(BLOCKWISE_RESULTS)
+  }
+  call = jax.ffi.ffi_call(
+    BLOCKWISE_TARGET, result_shapes, input_output_aliases=aliases, vmap_method="sequential"
+  )
+  flat = call(
+    scalars,
+    *(x for leaf in leaves for x in leaf),
+    decay=np.int64(decay),
+    rounding=np.int64(rounding),
+    block_size=np.int64(block_size),
+    leaf_ids=np.asarray(leaf_ids, np.int64),
+  )
   return [tuple(flat[per_out * i : per_out * (i + 1)]) for i in range(len(leaves))]
 
 
@@ -174,6 +279,9 @@ def flat_call(
   leaves: Sequence[tuple[jax.Array, ...]],
   offsets: list[int],
   decay: Decay,
+  *,
+  rounding: Rounding = Rounding.NEAREST,
+  leaf_ids: Sequence[int] = (),
 ) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
   """One call over some leaves of a dtype group in the flat layout: ``state`` holds the
   group's :data:`FLAT_STATE` buffers, each leaf its :data:`FLAT_LEAF_OPERANDS`. Returns
@@ -190,7 +298,14 @@ def flat_call(
   call = jax.ffi.ffi_call(
     FLAT_TARGET, result_shapes, input_output_aliases=aliases, vmap_method="sequential"
   )
-  flat = call(scalars, *operands, decay=np.int64(decay), offsets=np.asarray(offsets, np.int64))
+  flat = call(
+    scalars,
+    *operands,
+    decay=np.int64(decay),
+    rounding=np.int64(rounding),
+    leaf_ids=np.asarray(list(leaf_ids) or list(range(len(leaves))), np.int64),
+    offsets=np.asarray(offsets, np.int64),
+  )
   return tuple(flat[:num_state]), list(flat[num_state:])
 
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import optax
 
+from amsgrad_jax import _blockwise
 from amsgrad_jax._blockwise import Blockwise8
 from amsgrad_jax._flat import FlatLayout, FlatMoment
 from amsgrad_jax._native import _loader
@@ -69,10 +70,18 @@ def plan(options: AliasOptions, grads: Any, opt_state: Any, params: Any) -> Plan
   Python numbers or scalars (traced ones under ``optax.inject_hyperparams``); they enter
   the kernel as operands either way.
   """
-  if options.param_rounding != "nearest":
-    return Fallback(f"param_rounding={options.param_rounding!r}: the kernel rounds to nearest")
-  if any(isinstance(d, Blockwise8) for d in (options.mu_dtype, options.nu_dtype)):
-    return Fallback("blockwise8 state: the kernel takes float32, bfloat16 or float64 state")
+  if options.param_rounding == "stochastic" and jax.device_count() > 1:
+    return Fallback(
+      'param_rounding="stochastic" with several devices: the kernel numbers the elements '
+      "of each shard, not of the whole parameter"
+    )
+  blockwise = [isinstance(d, Blockwise8) for d in (options.mu_dtype, options.nu_dtype)]
+  if any(blockwise) and not all(blockwise):
+    return Fallback("blockwise8 for only one of mu_dtype and nu_dtype")
+  if any(blockwise) and options.flat_state:
+    return Fallback("blockwise8 state in the flat layout (flat_state=True)")
+  if any(blockwise) and jax.device_count() > 1:
+    return Fallback("blockwise8 state with several devices")
   if callable(options.weight_decay):
     return Fallback("weight_decay is a schedule; the native step takes a number")
   if not (callable(options.learning_rate) or _scalar(options.learning_rate)):
@@ -137,13 +146,20 @@ def _array_hyperparameter_problem(options: AliasOptions, params: Any) -> str | N
 
 def _buffers_problem(grads: Any, state: ScaleByAmsgradState, params: Any) -> str | None:
   """Why the trees cannot be stepped by the kernel, or ``None`` when they can."""
-  structures: list[Any] = [
-    jax.tree.structure(t) for t in (params, grads, state.mu, state.nu, state.nu_max)
-  ]
   trees = (grads, state.mu, state.nu, state.nu_max)
+  structures: list[Any] = [
+    jax.tree.structure(t, is_leaf=_blockwise.is_blockwise) for t in (params, *trees)
+  ]
   if any(structure != structures[0] for structure in structures[1:]):
     return "the gradients or the state do not have the parameters' tree structure"
-  for p, g, mu, nu, nu_max in zip(*(jax.tree.leaves(t) for t in (params, *trees)), strict=True):
+  leaves = zip(*(_blockwise.moment_leaves(t) for t in (params, *trees)), strict=True)
+  for p, g, mu, nu, nu_max in leaves:
+    moments = (mu, nu, nu_max)
+    if any(_blockwise.is_blockwise(m) for m in moments):
+      problem = _blockwise_problem(p, g, moments)
+      if problem is not None:
+        return problem
+      continue
     if not all(isinstance(x, jax.Array) for x in (p, g, mu, nu, nu_max)):
       return "a parameter, gradient or state leaf is not a JAX array"
     if not (p.shape == g.shape == mu.shape == nu.shape == nu_max.shape):
@@ -151,6 +167,28 @@ def _buffers_problem(grads: Any, state: ScaleByAmsgradState, params: Any) -> str
     problem = _dtypes_problem(p, g, mu.dtype, nu.dtype, nu_max.dtype)
     if problem is not None:
       return problem
+  return None
+
+
+def _blockwise_problem(p: Any, g: Any, moments: tuple[Any, ...]) -> str | None:
+  """Why a leaf with :func:`~amsgrad_jax.blockwise8` state cannot be stepped, or ``None``."""
+  if not all(_blockwise.is_blockwise(m) for m in moments):
+    return "a leaf has blockwise8 state for only some of its moments"
+  if len({m.block_size for m in moments}) != 1:
+    return "a leaf's moments have different block sizes"
+  if not (isinstance(p, jax.Array) and isinstance(g, jax.Array)):
+    return "a parameter or gradient leaf is not a JAX array"
+  if g.dtype != p.dtype:
+    return f"a gradient's dtype ({g.dtype}) differs from its parameter's ({p.dtype})"
+  if np.dtype(p.dtype) not in _NARROW:
+    return f"blockwise8 state beside a {np.dtype(p.dtype)} parameter (the kernel takes float32 and bfloat16)"
+  blocks = _blockwise.exponents_shape(p.shape, moments[0].block_size)
+  for m in moments:
+    if m.codes.shape != p.shape or m.exponents.shape != blocks or g.shape != p.shape:
+      return "a gradient or state leaf is not shaped like its parameter"
+  on_device = not isinstance(p, jax.core.Tracer)
+  if on_device and any(device.platform != "cpu" for device in p.devices()):
+    return "a parameter lives on a device that is not the CPU"
   return None
 
 

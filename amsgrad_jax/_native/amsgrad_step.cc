@@ -128,7 +128,176 @@ inline C MulAdd(C x, C y, C z) {
   }
 }
 
+// ---- stochastic rounding (amsgrad_jax/_rounding.py) -------------------------------------
+
+// MurmurHash3's 32-bit finaliser.
+inline uint32_t Mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+
+inline uint32_t LeafKey(uint32_t key, int64_t leaf) {
+  return Mix(key + static_cast<uint32_t>(leaf) * kRoundLeafMultiplier);
+}
+
+// The bfloat16 neighbour of `x` toward +infinity (upward) or -infinity.
+inline bf16 NextBf16(bf16 x, bool upward) {
+  const bool negative = x >= 0x8000u;
+  if ((x & 0x7FFFu) == 0) return upward ? bf16{1} : bf16{0x8001u};
+  return static_cast<bf16>(upward != negative ? x + 1 : x - 1);
+}
+
+// Float x rounded to bfloat16: up with probability (x - low) / (high - low).
+inline bf16 StochasticBf16(float x, uint32_t random) {
+  const bf16 nearest = Bf16Nearest(x);
+  const float back = Load<float>(nearest);
+  const bool below = back < x;
+  const bf16 other = NextBf16(nearest, below);
+  const bf16 low = below ? nearest : other, high = below ? other : nearest;
+  const float low32 = Load<float>(low);
+  const float fraction = (x - low32) / (Load<float>(high) - low32);
+  const float uniform = static_cast<float>(random >> 8) * 0x1p-24f;
+  if (back == x) return nearest;
+  return uniform < fraction ? high : low;
+}
+
+// ---- 8-bit block-wise codes (amsgrad_jax/_blockwise.py) ----------------------------------
+
+inline uint32_t RoundMantissa(uint32_t bits, bool upward) {
+  constexpr int kShift = 23 - kCodeMantissaBits;
+  constexpr uint32_t kLow = (1u << kShift) - 1;
+  if (upward) return (bits + kLow) & ~kLow;
+  constexpr uint32_t kHalf = (1u << (kShift - 1)) - 1;
+  return (bits + kHalf + ((bits >> kShift) & 1u)) & ~kLow;
+}
+
+inline float PowerOfTwo(int e) { return BitsToFloat(static_cast<uint32_t>(e + 127) << 23); }
+
+// The code of mu (signed) or of nu and nu_max (unsigned).
+template <bool kSigned>
+struct CodeOf {
+  static constexpr int kEmin = kSigned ? kMomentCodeEmin : kSquareCodeEmin;
+  static constexpr int kLargest = kSigned ? kMomentCodeLargest : kSquareCodeLargest;
+  static constexpr int kLowestScale = -126 - kEmin;
+};
+
+template <bool kSigned>
+inline int BlockExponent(float amax, bool upward) {
+  const float rounded = BitsToFloat(RoundMantissa(FloatToBits(amax), upward));
+  const int exponent = static_cast<int>((FloatToBits(rounded) >> 23) & 0xFFu) - 127;
+  return std::clamp(exponent, CodeOf<kSigned>::kLowestScale, kCodeHighestScale);
+}
+
+template <bool kSigned, bool kUpward>
+inline uint8_t Encode(float x, int exponent) {
+  using Code = CodeOf<kSigned>;
+  constexpr int m = kCodeMantissaBits;
+  const float scaled = std::fabs(x) * PowerOfTwo(-exponent);
+  int32_t magnitude;
+  if (scaled < std::ldexp(1.0f, Code::kEmin)) {
+    const float tiny = scaled * std::ldexp(1.0f, m - Code::kEmin);
+    magnitude = static_cast<int32_t>(kUpward ? std::ceil(tiny) : std::nearbyint(tiny));
+  } else {
+    const uint32_t rounded = RoundMantissa(FloatToBits(scaled), kUpward);
+    magnitude = static_cast<int32_t>(rounded >> (23 - m)) - ((127 + Code::kEmin - 1) << m);
+  }
+  if (kUpward && x > 0) magnitude = std::max(magnitude, 1);
+  magnitude = std::clamp(magnitude, 0, Code::kLargest);
+  if (kSigned && x < 0 && magnitude > 0) magnitude |= 0x80;
+  return static_cast<uint8_t>(magnitude);
+}
+
+template <bool kSigned>
+inline float Decode(uint8_t code, int exponent) {
+  using Code = CodeOf<kSigned>;
+  constexpr int m = kCodeMantissaBits;
+  const int magnitude = code & Code::kLargest;
+  const int biased = magnitude >> m, mantissa = magnitude & ((1 << m) - 1);
+  const float value =
+      biased == 0 ? static_cast<float>(mantissa) * std::ldexp(1.0f, Code::kEmin - m)
+                  : BitsToFloat(static_cast<uint32_t>((biased - 1 + Code::kEmin + 127) << 23) |
+                                static_cast<uint32_t>(mantissa << (23 - m)));
+  const float scaled = value * PowerOfTwo(exponent);
+  return (kSigned && code >= 0x80) ? -scaled : scaled;
+}
+
+// |x| into a running maximum, NaN winning (as jnp.max).
+inline float MaxAbs(float amax, float x) {
+  const float a = std::fabs(x);
+  return (a > amax || a != a) ? a : amax;
+}
+
 // ---- the step --------------------------------------------------------------------------
+
+// The step's scalars, read once per range.
+template <typename C>
+struct Scalars {
+  C b1, b2, one_minus_b1, one_minus_b2, eps, eps_root, a, b, d, neg_lr, weight_decay;
+  C grad_divisor, grad_multiplier;
+  uint32_t key;
+
+  explicit Scalars(const void* raw) {
+    const C* s = static_cast<const C*>(raw);
+    b1 = s[kScalarB1], b2 = s[kScalarB2];
+    one_minus_b1 = s[kScalarOneMinusB1], one_minus_b2 = s[kScalarOneMinusB2];
+    eps = s[kScalarEps], eps_root = s[kScalarEpsRoot];
+    a = s[kScalarNuScale], b = s[kScalarMuScale], d = s[kScalarRootScale];
+    neg_lr = s[kScalarNegLr], weight_decay = s[kScalarWeightDecay];
+    grad_divisor = s[kScalarGradDivisor], grad_multiplier = s[kScalarGradMultiplier];
+    key = (static_cast<uint32_t>(s[kScalarRoundKeyHigh]) << 16) |
+          static_cast<uint32_t>(s[kScalarRoundKeyLow]);
+  }
+};
+
+// One element's step in C, from the parameter, the raw gradient and the stored moments.
+template <typename C>
+struct Element {
+  C g, m, v, v_max, u;
+};
+
+// kDecoded: the moments were decoded from blockwise8 codes (each a product, code value
+// times its block's scale). XLA:CPU then contracts the *right* product of each moment's
+// sum into the fused multiply-add, m = fma(1-b1, g, b1 m), as it does on the Optax path.
+template <typename P, typename C, int64_t kDecay, bool kDecoded = false>
+inline Element<C> Compute(C p, C raw_grad, C mu, C nu, C nu_max, const Scalars<C>& s) {
+  // A global-norm clip, as optax.clip_by_global_norm forms it: (g / norm) * max_norm in P.
+  C g = Through<P>(Through<P>(raw_grad / s.grad_divisor) * s.grad_multiplier);
+  if constexpr (kDecay == kDecayCoupled) {
+    // XLA keeps this sum in the compute dtype (its convert pair to P and back is removed
+    // as excess precision), so only the product is rounded to P.
+    if constexpr (std::is_same_v<P, C>) {
+      g = std::fma(s.weight_decay, p, g);
+    } else {
+      g = g + Through<P>(s.weight_decay * p);
+    }
+  }
+  const C m = kDecoded ? std::fma(s.one_minus_b1, g, s.b1 * mu) : std::fma(s.b1, mu, s.one_minus_b1 * g);
+  const C v = kDecoded ? std::fma(s.one_minus_b2, g * g, s.b2 * nu)
+                       : std::fma(s.b2, nu, s.one_minus_b2 * (g * g));
+  const C scaled = s.a * v;
+  const C v_max = ((nu_max != nu_max) | (nu_max > scaled)) ? nu_max : scaled;  // NaN wins
+  const C denominator = std::fma(s.d, std::sqrt(v_max + s.eps_root), s.eps);
+  C u = Through<P>((s.b * m) / denominator);
+  if constexpr (kDecay == kDecayDecoupled) u = MulAdd<P>(s.weight_decay, p, u);
+  return {g, m, v, v_max, u};
+}
+
+// The new parameter p + (-lr) u: rounded to nearest, or (kStochastic, bfloat16 only) to
+// the neighbour above or below at random, written as optax.apply_updates lands on it.
+template <typename P, typename C, bool kStochastic>
+inline P NewParam(C p, C u, const Scalars<C>& s, size_t index, uint32_t leaf_key) {
+  if constexpr (kStochastic && std::is_same_v<P, bf16>) {
+    const C x = Through<P>(s.neg_lr * u) + p;
+    const uint32_t random = Mix(Mix(static_cast<uint32_t>(index) + leaf_key) ^ s.key);
+    const C q = Load<C>(StochasticBf16(x, random));
+    return Nearest<P>(p + Through<P>(q - p));
+  } else {
+    return Nearest<P>(MulAdd<P>(s.neg_lr, u, p));
+  }
+}
 
 // Whether x is finite: x - x is 0 for a finite x and NaN for inf or NaN (vectorises).
 template <typename C>
@@ -136,110 +305,96 @@ inline bool Finite(C x) { return (x - x) == C(0); }
 
 // kCheck: write nothing; return whether the step would leave every value the guard
 // (skip_nonfinite) looks at finite: the gradient, the update and the stored state.
-template <typename P, typename M, typename N, typename C, int64_t kDecay, bool kCheck>
+template <typename P, typename M, typename N, typename C, int64_t kDecay, bool kCheck,
+          bool kStochastic>
 bool StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_raw,
-               void* nu_max_raw, size_t begin, size_t end, const void* scalars_raw) {
+               void* nu_max_raw, size_t begin, size_t end, const void* scalars_raw,
+               uint32_t leaf_key) {
   P* __restrict__ params = static_cast<P*>(params_raw);
   const P* __restrict__ grads = static_cast<const P*>(grads_raw);
   M* __restrict__ mu = static_cast<M*>(mu_raw);
   N* __restrict__ nu = static_cast<N*>(nu_raw);
   N* __restrict__ nu_max = static_cast<N*>(nu_max_raw);
-  const C* s = static_cast<const C*>(scalars_raw);
-  const C b1 = s[kScalarB1], b2 = s[kScalarB2];
-  const C one_minus_b1 = s[kScalarOneMinusB1], one_minus_b2 = s[kScalarOneMinusB2];
-  const C eps = s[kScalarEps], eps_root = s[kScalarEpsRoot];
-  const C a = s[kScalarNuScale], b = s[kScalarMuScale], d = s[kScalarRootScale];
-  const C neg_lr = s[kScalarNegLr], weight_decay = s[kScalarWeightDecay];
-  const C grad_divisor = s[kScalarGradDivisor], grad_multiplier = s[kScalarGradMultiplier];
+  const Scalars<C> s(scalars_raw);
   bool finite = true;
   for (size_t i = begin; i < end; ++i) {
     const C p = Load<C>(params[i]);
-    // A global-norm clip, as optax.clip_by_global_norm forms it: (g / norm) * max_norm in P.
-    C g = Through<P>(Through<P>(Load<C>(grads[i]) / grad_divisor) * grad_multiplier);
-    if constexpr (kDecay == kDecayCoupled) {
-      // XLA keeps this sum in the compute dtype (its convert pair to P and back is removed
-      // as excess precision), so only the product is rounded to P.
-      if constexpr (std::is_same_v<P, C>) {
-        g = std::fma(weight_decay, p, g);
-      } else {
-        g = g + Through<P>(weight_decay * p);
-      }
-    }
-    const C m = std::fma(b1, Load<C>(mu[i]), one_minus_b1 * g);
-    const C v = std::fma(b2, Load<C>(nu[i]), one_minus_b2 * (g * g));
-    const C scaled = a * v;
-    const C previous = Load<C>(nu_max[i]);
-    const C v_max = ((previous != previous) | (previous > scaled)) ? previous : scaled;  // NaN wins
-    const C denominator = std::fma(d, std::sqrt(v_max + eps_root), eps);
-    C u = Through<P>((b * m) / denominator);
-    if constexpr (kDecay == kDecayDecoupled) u = MulAdd<P>(weight_decay, p, u);
+    const Element<C> e = Compute<P, C, kDecay>(p, Load<C>(grads[i]), Load<C>(mu[i]),
+                                               Load<C>(nu[i]), Load<C>(nu_max[i]), s);
     if constexpr (kCheck) {
-      finite &= Finite(g) & Finite(Through<P>(neg_lr * u)) & Finite(Load<C>(Nearest<M>(m))) &
-                Finite(Load<C>(Nearest<N>(v))) & Finite(Load<C>(Upward<N>(v_max)));
+      finite &= Finite(e.g) & Finite(Through<P>(s.neg_lr * e.u)) &
+                Finite(Load<C>(Nearest<M>(e.m))) & Finite(Load<C>(Nearest<N>(e.v))) &
+                Finite(Load<C>(Upward<N>(e.v_max)));
     } else {
-      params[i] = Nearest<P>(MulAdd<P>(neg_lr, u, p));
-      mu[i] = Nearest<M>(m);
-      nu[i] = Nearest<N>(v);
-      nu_max[i] = Upward<N>(v_max);
+      params[i] = NewParam<P, C, kStochastic>(p, e.u, s, i, leaf_key);
+      mu[i] = Nearest<M>(e.m);
+      nu[i] = Nearest<N>(e.v);
+      nu_max[i] = Upward<N>(e.v_max);
     }
   }
   return finite;
 }
 
-using StepFn = bool (*)(void*, const void*, void*, void*, void*, size_t, size_t, const void*);
+using StepFn = bool (*)(void*, const void*, void*, void*, void*, size_t, size_t, const void*,
+                        uint32_t);
 
-template <typename P, typename M, typename N, typename C, bool kCheck>
+template <typename P, typename M, typename N, typename C, bool kCheck, bool kStochastic>
 StepFn ForDecay(int64_t decay) {
   switch (decay) {
-    case kDecayNone: return &StepRange<P, M, N, C, kDecayNone, kCheck>;
-    case kDecayCoupled: return &StepRange<P, M, N, C, kDecayCoupled, kCheck>;
-    case kDecayDecoupled: return &StepRange<P, M, N, C, kDecayDecoupled, kCheck>;
+    case kDecayNone: return &StepRange<P, M, N, C, kDecayNone, kCheck, kStochastic>;
+    case kDecayCoupled: return &StepRange<P, M, N, C, kDecayCoupled, kCheck, kStochastic>;
+    case kDecayDecoupled: return &StepRange<P, M, N, C, kDecayDecoupled, kCheck, kStochastic>;
     default: return nullptr;
   }
 }
 
+// Stochastic rounding applies to bfloat16 parameters only (wider ones round to nearest).
 template <typename P, typename M, typename N, typename C>
-StepFn ForMode(int64_t decay, bool check) {
-  return check ? ForDecay<P, M, N, C, true>(decay) : ForDecay<P, M, N, C, false>(decay);
+StepFn ForMode(int64_t decay, bool check, bool stochastic) {
+  if (check) return ForDecay<P, M, N, C, true, false>(decay);
+  if constexpr (std::is_same_v<P, bf16>) {
+    if (stochastic) return ForDecay<P, M, N, C, false, true>(decay);
+  }
+  return ForDecay<P, M, N, C, false, false>(decay);
 }
 
 // Storage dtypes all in {bf16, f32} compute in float; all in {f32, f64} with an f64
 // compute in double. (bfloat16 next to float64 is left to the JAX path.)
 template <typename P, typename M>
-StepFn ForNu32(ffi::DataType n, int64_t decay, bool check) {
+StepFn ForNu32(ffi::DataType n, int64_t decay, bool check, bool stochastic) {
   switch (n) {
-    case ffi::DataType::BF16: return ForMode<P, M, bf16, float>(decay, check);
-    case ffi::DataType::F32: return ForMode<P, M, float, float>(decay, check);
+    case ffi::DataType::BF16: return ForMode<P, M, bf16, float>(decay, check, stochastic);
+    case ffi::DataType::F32: return ForMode<P, M, float, float>(decay, check, stochastic);
     default: return nullptr;
   }
 }
 
 template <typename P, typename M>
-StepFn ForNu64(ffi::DataType n, int64_t decay, bool check) {
+StepFn ForNu64(ffi::DataType n, int64_t decay, bool check, bool stochastic) {
   switch (n) {
-    case ffi::DataType::F32: return ForMode<P, M, float, double>(decay, check);
-    case ffi::DataType::F64: return ForMode<P, M, double, double>(decay, check);
+    case ffi::DataType::F32: return ForMode<P, M, float, double>(decay, check, stochastic);
+    case ffi::DataType::F64: return ForMode<P, M, double, double>(decay, check, stochastic);
     default: return nullptr;
   }
 }
 
 StepFn SelectStep(ffi::DataType p, ffi::DataType m, ffi::DataType n, int64_t decay,
-                  bool check = false) {
+                  bool check, bool stochastic) {
   using T = ffi::DataType;
   const bool narrow = (p == T::BF16 || m == T::BF16 || n == T::BF16);
   const bool wide = (p == T::F64 || m == T::F64 || n == T::F64);
   if (narrow && wide) return nullptr;
   if (!wide) {
-    if (p == T::BF16 && m == T::BF16) return ForNu32<bf16, bf16>(n, decay, check);
-    if (p == T::BF16 && m == T::F32) return ForNu32<bf16, float>(n, decay, check);
-    if (p == T::F32 && m == T::BF16) return ForNu32<float, bf16>(n, decay, check);
-    if (p == T::F32 && m == T::F32) return ForNu32<float, float>(n, decay, check);
+    if (p == T::BF16 && m == T::BF16) return ForNu32<bf16, bf16>(n, decay, check, stochastic);
+    if (p == T::BF16 && m == T::F32) return ForNu32<bf16, float>(n, decay, check, stochastic);
+    if (p == T::F32 && m == T::BF16) return ForNu32<float, bf16>(n, decay, check, stochastic);
+    if (p == T::F32 && m == T::F32) return ForNu32<float, float>(n, decay, check, stochastic);
     return nullptr;
   }
-  if (p == T::F32 && m == T::F32) return ForNu64<float, float>(n, decay, check);
-  if (p == T::F32 && m == T::F64) return ForNu64<float, double>(n, decay, check);
-  if (p == T::F64 && m == T::F32) return ForNu64<double, float>(n, decay, check);
-  if (p == T::F64 && m == T::F64) return ForNu64<double, double>(n, decay, check);
+  if (p == T::F32 && m == T::F32) return ForNu64<float, float>(n, decay, check, stochastic);
+  if (p == T::F32 && m == T::F64) return ForNu64<float, double>(n, decay, check, stochastic);
+  if (p == T::F64 && m == T::F32) return ForNu64<double, float>(n, decay, check, stochastic);
+  if (p == T::F64 && m == T::F64) return ForNu64<double, double>(n, decay, check, stochastic);
   return nullptr;
 }
 
@@ -251,6 +406,7 @@ struct Leaf {
   void* mu;
   void* nu;
   void* nu_max;
+  uint32_t key;  // the stochastic rounding's key of this leaf
 };
 
 struct Chunk {
@@ -265,6 +421,7 @@ struct Work {
   std::vector<Leaf> leaves;
   std::vector<Chunk> chunks;
   alignas(16) unsigned char scalars[kNumScalars * sizeof(double)];
+  uint32_t key = 0;  // the stochastic rounding's key of this step
   std::atomic<size_t> next{0};
   std::atomic<size_t> done{0};
   std::atomic<bool> finite{true};
@@ -275,7 +432,7 @@ struct Work {
     for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();) {
       const Chunk& c = chunks[i];
       const Leaf& l = leaves[c.leaf];
-      all_finite &= step(l.params, l.grads, l.mu, l.nu, l.nu_max, c.begin, c.end, scalars);
+      all_finite &= step(l.params, l.grads, l.mu, l.nu, l.nu_max, c.begin, c.end, scalars, l.key);
       ++finished;
     }
     if (!all_finite) finite.store(false, std::memory_order_relaxed);
@@ -299,16 +456,20 @@ void StartFrom(ffi::AnyBuffer from, ffi::AnyBuffer to) {
   }
 }
 
-// Runs `step` over `leaves` (sizes in `sizes`) on the calling thread and the pool.
-ffi::Error RunOnPool(ffi::ThreadPool& pool, std::shared_ptr<Work> work,
-                     const std::vector<size_t>& sizes) {
+// Runs the work's step over its leaves (sizes in `sizes`, in units of `unit` elements: 1,
+// or a block) on the calling thread and the pool.
+template <typename W>
+ffi::Error RunOnPool(ffi::ThreadPool& pool, std::shared_ptr<W> work,
+                     const std::vector<size_t>& sizes, size_t unit = 1) {
   size_t total = 0;
   for (size_t n : sizes) total += n;
   // The calling thread drains chunks too, so num_threads - 1 helpers keep every core busy
   // without oversubscribing them (a memory-bound loop gains nothing from more threads).
-  const int64_t threads = total < kSerialBelow ? 1 : std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads =
+      total * unit < kSerialBelow ? 1 : std::max<int64_t>(1, pool.num_threads());
   const size_t chunk = std::clamp<size_t>(
-      total / (kChunksPerThread * static_cast<size_t>(threads)), kMinChunk, kMaxChunk);
+      total / (kChunksPerThread * static_cast<size_t>(threads)), std::max<size_t>(1, kMinChunk / unit),
+      std::max<size_t>(1, kMaxChunk / unit));
   for (size_t i = 0; i < sizes.size(); ++i) {
     for (size_t begin = 0; begin < sizes[i]; begin += chunk) {
       work->chunks.push_back({static_cast<uint32_t>(i), begin, std::min(sizes[i], begin + chunk)});
@@ -328,13 +489,16 @@ ffi::Error RunOnPool(ffi::ThreadPool& pool, std::shared_ptr<Work> work,
 }
 
 // A new Work with the step's scalars, or an error.
-ffi::ErrorOr<std::shared_ptr<Work>> NewWork(ffi::AnyBuffer scalars) {
-  auto work = std::make_shared<Work>();
+template <typename W = Work>
+ffi::ErrorOr<std::shared_ptr<W>> NewWork(ffi::AnyBuffer scalars) {
+  auto work = std::make_shared<W>();
   const size_t scalar_bytes = scalars.size_bytes();
   if (scalars.element_count() != kNumScalars || scalar_bytes > sizeof work->scalars) {
     return ffi::Unexpected(ffi::Error::InvalidArgument("amsgrad_jax_step: wrong number of scalars"));
   }
   std::memcpy(work->scalars, scalars.untyped_data(), scalar_bytes);
+  work->key = scalars.element_type() == ffi::DataType::F64 ? Scalars<double>(work->scalars).key
+                                                            : Scalars<float>(work->scalars).key;
   return work;
 }
 
@@ -358,11 +522,13 @@ ffi::AnyBuffer Result(ffi::RemainingRets& rets, size_t first, size_t leaf, int p
 // (TreeResultIndex order) start from its operands and are updated in place; without (the
 // check) nothing is written and the operands are read only.
 ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* rets,
-                      int64_t decay, std::vector<size_t>& sizes) {
+                      int64_t decay, int64_t rounding, ffi::Span<const int64_t> leaf_ids,
+                      std::vector<size_t>& sizes) {
   const char* name = rets ? "amsgrad_jax_step" : "amsgrad_jax_check";
   const size_t num_leaves = args.size() / kTreeOperandsPerLeaf;
   if (args.size() % kTreeOperandsPerLeaf != 0 ||
-      (rets && rets->size() != num_leaves * kTreeResultsPerLeaf)) {
+      (rets && rets->size() != num_leaves * kTreeResultsPerLeaf) ||
+      (rets && leaf_ids.size() != num_leaves)) {
     return ffi::Error::InvalidArgument(std::string(name) +
                                        ": wrong number of operands or results");
   }
@@ -383,7 +549,8 @@ ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* 
       return ffi::Error::InvalidArgument(std::string(name) + ": unsupported dtypes or shapes");
     }
     StepFn step = SelectStep(params.element_type(), in(kTreeOperandMu).element_type(),
-                             in(kTreeOperandNu).element_type(), decay, /*check=*/rets == nullptr);
+                             in(kTreeOperandNu).element_type(), decay, /*check=*/rets == nullptr,
+                             rounding == kRoundingStochastic);
     if (!AcceptStep(work, i, step)) {
       return ffi::Error::InvalidArgument(std::string(name) + ": one call takes one dtype group");
     }
@@ -398,20 +565,22 @@ ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* 
       }
     }
     work.leaves.push_back({data[kTreeResultParams], in(kTreeOperandGrads).untyped_data(),
-                           data[kTreeResultMu], data[kTreeResultNu], data[kTreeResultNuMax]});
+                           data[kTreeResultMu], data[kTreeResultNu], data[kTreeResultNuMax],
+                           rets ? LeafKey(work.key, leaf_ids[i]) : 0u});
     sizes.push_back(n);
   }
   return ffi::Error::Success();
 }
 
 // State as one buffer per leaf: TreeOperandIndex and TreeResultIndex give the order.
-ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scalars,
+ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
+                       ffi::Span<const int64_t> leaf_ids, ffi::AnyBuffer scalars,
                        ffi::RemainingArgs args, ffi::RemainingRets rets) {
   auto made = NewWork(scalars);
   if (made.has_error()) return made.error();
   std::shared_ptr<Work> work = *made;
   std::vector<size_t> sizes;
-  ffi::Error error = TreeLeaves(*work, args, &rets, decay, sizes);
+  ffi::Error error = TreeLeaves(*work, args, &rets, decay, rounding, leaf_ids, sizes);
   if (error.failure()) return error;
   return RunOnPool(pool, work, sizes);
 }
@@ -427,7 +596,7 @@ ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scal
   if (made.has_error()) return made.error();
   std::shared_ptr<Work> work = *made;
   std::vector<size_t> sizes;
-  ffi::Error error = TreeLeaves(*work, args, nullptr, decay, sizes);
+  ffi::Error error = TreeLeaves(*work, args, nullptr, decay, kRoundingNearest, {}, sizes);
   if (error.failure()) return error;
   error = RunOnPool(pool, work, sizes);
   *finite->typed_data() = work->finite.load() ? 1 : 0;
@@ -437,10 +606,14 @@ ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scal
 // Flat layout: the group's FlatStateIndex buffers, then per leaf FlatLeafOperandIndex;
 // results: the state buffers, then per leaf FlatLeafResultIndex. Attribute `offsets`: each
 // leaf's first element in the state buffers.
-ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, ffi::Span<const int64_t> offsets,
+ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
+                           ffi::Span<const int64_t> leaf_ids, ffi::Span<const int64_t> offsets,
                            ffi::AnyBuffer scalars, ffi::RemainingArgs args,
                            ffi::RemainingRets rets) {
   const size_t num_leaves = offsets.size();
+  if (leaf_ids.size() != num_leaves) {
+    return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: one leaf id per offset");
+  }
   if (args.size() != kFlatStateBuffers + kFlatOperandsPerLeaf * num_leaves ||
       rets.size() != kFlatStateBuffers + kFlatResultsPerLeaf * num_leaves) {
     return ffi::Error::InvalidArgument(
@@ -481,7 +654,8 @@ ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, ffi::Span<const 
         offset < 0 || static_cast<size_t>(offset) + n > state_size) {
       return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: unsupported dtypes or shapes");
     }
-    StepFn step = SelectStep(params.element_type(), mu.element_type(), nu.element_type(), decay);
+    StepFn step = SelectStep(params.element_type(), mu.element_type(), nu.element_type(), decay,
+                             /*check=*/false, rounding == kRoundingStochastic);
     if (!AcceptStep(*work, i, step)) {
       return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: one call takes one dtype group");
     }
@@ -491,18 +665,199 @@ ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, ffi::Span<const 
                                 width[k] * static_cast<size_t>(offset));
     };
     work->leaves.push_back({params_out.untyped_data(), grads.untyped_data(), at(kFlatStateMu),
-                            at(kFlatStateNu), at(kFlatStateNuMax)});
+                            at(kFlatStateNu), at(kFlatStateNuMax), LeafKey(work->key, leaf_ids[i])});
     sizes.push_back(n);
   }
   return RunOnPool(pool, work, sizes);
 }
 
+// ---- 8-bit block-wise state ----------------------------------------------------------------
+
+// One leaf in blockwise8 storage: codes shaped like the parameter, one exponent per block
+// of `block` elements along each row of `row` elements.
+struct BlockLeaf {
+  void* params;
+  const void* grads;
+  uint8_t* codes[3];  // mu, nu, nu_max
+  int8_t* exponents[3];
+  size_t row, block, blocks_per_row;
+  uint32_t key;
+};
+
+using BlockFn = void (*)(const BlockLeaf&, size_t, size_t, const void*);
+
+// Blocks [begin, end) of one leaf: decode, step, and encode each block with its new
+// exponents (the largest |m|, v and running maximum of the block, as _blockwise.py).
+template <typename P, int64_t kDecay, bool kStochastic>
+void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* scalars_raw) {
+  P* __restrict__ params = static_cast<P*>(leaf.params);
+  const P* __restrict__ grads = static_cast<const P*>(leaf.grads);
+  const Scalars<float> s(scalars_raw);
+  thread_local std::vector<float> m_values, v_values, v_max_values;
+  m_values.resize(leaf.block);
+  v_values.resize(leaf.block);
+  v_max_values.resize(leaf.block);
+  for (size_t index = begin; index < end; ++index) {
+    const size_t row = index / leaf.blocks_per_row, in_row = index % leaf.blocks_per_row;
+    const size_t first = row * leaf.row + in_row * leaf.block;
+    const size_t count = std::min(leaf.block, leaf.row - in_row * leaf.block);
+    const int mu_exponent = leaf.exponents[0][index], nu_exponent = leaf.exponents[1][index];
+    const int v_max_exponent = leaf.exponents[2][index];
+    float m_max = 0.0f, v_max = 0.0f, v_max_max = 0.0f;
+    for (size_t k = 0; k < count; ++k) {
+      const size_t i = first + k;
+      const float p = Load<float>(params[i]);
+      const Element<float> e = Compute<P, float, kDecay, /*kDecoded=*/true>(
+          p, Load<float>(grads[i]), Decode<true>(leaf.codes[0][i], mu_exponent),
+          Decode<false>(leaf.codes[1][i], nu_exponent),
+          Decode<false>(leaf.codes[2][i], v_max_exponent), s);
+      params[i] = NewParam<P, float, kStochastic>(p, e.u, s, i, leaf.key);
+      m_values[k] = e.m, v_values[k] = e.v, v_max_values[k] = e.v_max;
+      m_max = MaxAbs(m_max, e.m), v_max = MaxAbs(v_max, e.v), v_max_max = MaxAbs(v_max_max, e.v_max);
+    }
+    const int m_exponent = BlockExponent<true>(m_max, false);
+    const int v_exponent = BlockExponent<false>(v_max, false);
+    const int v_max_new_exponent = BlockExponent<false>(v_max_max, true);
+    for (size_t k = 0; k < count; ++k) {
+      const size_t i = first + k;
+      leaf.codes[0][i] = Encode<true, false>(m_values[k], m_exponent);
+      leaf.codes[1][i] = Encode<false, false>(v_values[k], v_exponent);
+      leaf.codes[2][i] = Encode<false, true>(v_max_values[k], v_max_new_exponent);
+    }
+    leaf.exponents[0][index] = static_cast<int8_t>(m_exponent);
+    leaf.exponents[1][index] = static_cast<int8_t>(v_exponent);
+    leaf.exponents[2][index] = static_cast<int8_t>(v_max_new_exponent);
+  }
+}
+
+template <typename P, bool kStochastic>
+BlockFn BlocksForDecay(int64_t decay) {
+  switch (decay) {
+    case kDecayNone: return &StepBlocks<P, kDecayNone, kStochastic>;
+    case kDecayCoupled: return &StepBlocks<P, kDecayCoupled, kStochastic>;
+    case kDecayDecoupled: return &StepBlocks<P, kDecayDecoupled, kStochastic>;
+    default: return nullptr;
+  }
+}
+
+BlockFn SelectBlocks(ffi::DataType p, int64_t decay, bool stochastic) {
+  if (p == ffi::DataType::F32) return BlocksForDecay<float, false>(decay);
+  if (p == ffi::DataType::BF16) {
+    return stochastic ? BlocksForDecay<bf16, true>(decay) : BlocksForDecay<bf16, false>(decay);
+  }
+  return nullptr;
+}
+
+struct BlockWork {
+  BlockFn step = nullptr;
+  std::vector<BlockLeaf> leaves;
+  std::vector<Chunk> chunks;
+  alignas(16) unsigned char scalars[kNumScalars * sizeof(double)];
+  uint32_t key = 0;
+  std::atomic<size_t> next{0};
+  std::atomic<size_t> done{0};
+
+  void Drain() {
+    size_t finished = 0;
+    for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();) {
+      const Chunk& c = chunks[i];
+      step(leaves[c.leaf], c.begin, c.end, scalars);
+      ++finished;
+    }
+    if (finished) done.fetch_add(finished, std::memory_order_release);
+  }
+};
+
+// State in blockwise8: per leaf BlockwiseOperandIndex, results BlockwiseResultIndex, each
+// aliased to the operand of the same name. Attributes as the tree target's, and
+// `block_size`.
+ffi::Error AmsgradStepBlockwise(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
+                                int64_t block_size, ffi::Span<const int64_t> leaf_ids,
+                                ffi::AnyBuffer scalars, ffi::RemainingArgs args,
+                                ffi::RemainingRets rets) {
+  constexpr const char* kName = "amsgrad_jax_step_blockwise";
+  const size_t num_leaves = args.size() / kBlockwiseOperandsPerLeaf;
+  if (args.size() % kBlockwiseOperandsPerLeaf != 0 ||
+      rets.size() != num_leaves * kBlockwiseResultsPerLeaf || leaf_ids.size() != num_leaves ||
+      block_size < 1 || scalars.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument(std::string(kName) + ": wrong operands or attributes");
+  }
+  auto made = NewWork<BlockWork>(scalars);
+  if (made.has_error()) return made.error();
+  std::shared_ptr<BlockWork> work = *made;
+  const std::pair<int, int> updated[kBlockwiseResultsPerLeaf] = {
+      {kBlockwiseResultParams, kBlockwiseOperandParams},
+      {kBlockwiseResultMu, kBlockwiseOperandMu},
+      {kBlockwiseResultMuExponents, kBlockwiseOperandMuExponents},
+      {kBlockwiseResultNu, kBlockwiseOperandNu},
+      {kBlockwiseResultNuExponents, kBlockwiseOperandNuExponents},
+      {kBlockwiseResultNuMax, kBlockwiseOperandNuMax},
+      {kBlockwiseResultNuMaxExponents, kBlockwiseOperandNuMaxExponents}};
+  std::vector<size_t> sizes;
+  size_t largest_block = 1;
+  for (size_t i = 0; i < num_leaves; ++i) {
+    auto in = [&](int k) { return Operand(args, i, kBlockwiseOperandsPerLeaf, k); };
+    const ffi::AnyBuffer params = in(kBlockwiseOperandParams);
+    const size_t n = params.element_count();
+    const auto dims = params.dimensions();
+    const size_t row = dims.size() == 0 ? 1 : static_cast<size_t>(dims.back());
+    const size_t block = std::max<size_t>(1, std::min<size_t>(block_size, row));
+    const size_t blocks_per_row = row == 0 ? 0 : (row + block - 1) / block;
+    const size_t blocks = row == 0 ? 0 : n / row * blocks_per_row;
+    bool ok = in(kBlockwiseOperandGrads).element_type() == params.element_type() &&
+              in(kBlockwiseOperandGrads).element_count() == n;
+    for (int k : {kBlockwiseOperandMu, kBlockwiseOperandNu, kBlockwiseOperandNuMax}) {
+      ok &= in(k).element_type() == ffi::DataType::U8 && in(k).element_count() == n;
+    }
+    for (int k : {kBlockwiseOperandMuExponents, kBlockwiseOperandNuExponents,
+                  kBlockwiseOperandNuMaxExponents}) {
+      ok &= in(k).element_type() == ffi::DataType::S8 && in(k).element_count() == blocks;
+    }
+    BlockFn step = SelectBlocks(params.element_type(), decay, rounding == kRoundingStochastic);
+    if (!ok || step == nullptr || (i > 0 && step != work->step)) {
+      return ffi::Error::InvalidArgument(std::string(kName) + ": unsupported dtypes or shapes");
+    }
+    work->step = step;
+    void* data[kBlockwiseResultsPerLeaf];
+    for (const auto& [result, operand] : updated) {
+      const ffi::AnyBuffer out = Result(rets, 0, i, kBlockwiseResultsPerLeaf, result);
+      StartFrom(in(operand), out);
+      data[result] = out.untyped_data();
+    }
+    BlockLeaf leaf{data[kBlockwiseResultParams], in(kBlockwiseOperandGrads).untyped_data(),
+                   {static_cast<uint8_t*>(data[kBlockwiseResultMu]),
+                    static_cast<uint8_t*>(data[kBlockwiseResultNu]),
+                    static_cast<uint8_t*>(data[kBlockwiseResultNuMax])},
+                   {static_cast<int8_t*>(data[kBlockwiseResultMuExponents]),
+                    static_cast<int8_t*>(data[kBlockwiseResultNuExponents]),
+                    static_cast<int8_t*>(data[kBlockwiseResultNuMaxExponents])},
+                   row, block, blocks_per_row, LeafKey(work->key, leaf_ids[i])};
+    work->leaves.push_back(leaf);
+    sizes.push_back(blocks);
+    largest_block = std::max(largest_block, block);
+  }
+  return RunOnPool(pool, work, sizes, largest_block);
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepBlockwise, AmsgradStepBlockwise,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("decay")
+                                  .Attr<int64_t>("rounding")
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<ffi::Span<const int64_t>>("leaf_ids")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStep, AmsgradStep,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("decay")
+                                  .Attr<int64_t>("rounding")
+                                  .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
                                   .RemainingRets());
@@ -511,6 +866,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlat, AmsgradStepFlat,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("decay")
+                                  .Attr<int64_t>("rounding")
+                                  .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Attr<ffi::Span<const int64_t>>("offsets")
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
