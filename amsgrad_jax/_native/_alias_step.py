@@ -7,12 +7,12 @@ functions the Optax path uses, and passed to the kernel as an operand.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+from jax.experimental.shard_alike import shard_alike
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -160,14 +160,31 @@ def _tree_layout_step(
     scalars = scalars_for(param_dtype, mu_storage, nu_storage)
     for start in range(0, len(indices), LEAVES_PER_CALL):
       batch = indices[start : start + LEAVES_PER_CALL]
+      # Stochastic rounding numbers the elements of each whole parameter, and blockwise8
+      # exponents are not shaped like their parameters: those calls see whole arrays
+      # (XLA gathers a parameter split over devices first), the others run per shard.
       if isinstance(mu_storage, int):
         outputs = _blockwise_call(scalars, [leaves[i] for i in batch], mode, rounding, batch)
+      elif rounding == Rounding.STOCHASTIC:
+        outputs = _interface.tree_call(
+          scalars, [leaves[i] for i in batch], mode, rounding=rounding, leaf_ids=batch
+        )
       else:
-        kernel = functools.partial(_interface.tree_call, rounding=rounding, leaf_ids=batch)
-        outputs = per_shard(kernel, scalars, [leaves[i] for i in batch], mode)
+        outputs = per_shard(_interface.tree_call, scalars, [leaves[i] for i in batch], mode)
       for index, output in zip(batch, outputs, strict=True):
-        results[index] = output
+        results[index] = _placed_like(results[index], output)
   return tuple(jax.tree.unflatten(treedef, [r[i] for r in results]) for i in range(4))
+
+
+def _placed_like(before: tuple[Any, ...], after: tuple[Any, ...]) -> tuple[Any, ...]:
+  """``after`` (a leaf's new params and moments) placed as ``before`` was: a call that saw
+  whole arrays returns them unsplit, and each result goes back to its operand's sharding."""
+  if jax.device_count() == 1:
+    return after
+  return tuple(
+    jax.tree.map(lambda old, new: shard_alike(old, new)[1], old, new)
+    for old, new in zip(before, after, strict=True)
+  )
 
 
 def _blockwise_call(

@@ -70,18 +70,11 @@ def plan(options: AliasOptions, grads: Any, opt_state: Any, params: Any) -> Plan
   Python numbers or scalars (traced ones under ``optax.inject_hyperparams``); they enter
   the kernel as operands either way.
   """
-  if options.param_rounding == "stochastic" and jax.device_count() > 1:
-    return Fallback(
-      'param_rounding="stochastic" with several devices: the kernel numbers the elements '
-      "of each shard, not of the whole parameter"
-    )
   blockwise = [isinstance(d, Blockwise8) for d in (options.mu_dtype, options.nu_dtype)]
   if any(blockwise) and not all(blockwise):
     return Fallback("blockwise8 for only one of mu_dtype and nu_dtype")
   if any(blockwise) and options.flat_state:
     return Fallback("blockwise8 state in the flat layout (flat_state=True)")
-  if any(blockwise) and jax.device_count() > 1:
-    return Fallback("blockwise8 state with several devices")
   if callable(options.weight_decay):
     return Fallback("weight_decay is a schedule; the native step takes a number")
   if not (callable(options.learning_rate) or _scalar(options.learning_rate)):
