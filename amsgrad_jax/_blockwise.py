@@ -121,8 +121,9 @@ class Code:
 
   @property
   def lowest_scale(self) -> int:
-    """The smallest block exponent: every decoded value stays exact in float32."""
-    return -126 - self.emin
+    """The smallest block exponent: every nonzero decoded value is a normal float32 (XLA
+    on the CPU flushes subnormal floats to zero), so decoding and re-encoding are exact."""
+    return -126 - self.emin + self.mantissa_bits
 
 
 HIGHEST_SCALE = 126  # the largest block exponent: 2**e and 1.875 * 2**e stay finite

@@ -110,8 +110,10 @@ def _constants() -> dict[str, int]:
     "code_mantissa_bits": _blockwise.MOMENT_CODE.mantissa_bits,
     "moment_code_emin": _blockwise.MOMENT_CODE.emin,
     "moment_code_largest": _blockwise.MOMENT_CODE.largest,
+    "moment_code_lowest_scale": _blockwise.MOMENT_CODE.lowest_scale,
     "square_code_emin": _blockwise.SQUARE_CODE.emin,
     "square_code_largest": _blockwise.SQUARE_CODE.largest,
+    "square_code_lowest_scale": _blockwise.SQUARE_CODE.lowest_scale,
     "code_highest_scale": _blockwise.HIGHEST_SCALE,
     "round_leaf_multiplier": int(_rounding.LEAF_MULTIPLIER),
   }

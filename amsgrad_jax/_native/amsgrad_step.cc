@@ -181,7 +181,7 @@ template <bool kSigned>
 struct CodeOf {
   static constexpr int kEmin = kSigned ? kMomentCodeEmin : kSquareCodeEmin;
   static constexpr int kLargest = kSigned ? kMomentCodeLargest : kSquareCodeLargest;
-  static constexpr int kLowestScale = -126 - kEmin;
+  static constexpr int kLowestScale = kSigned ? kMomentCodeLowestScale : kSquareCodeLowestScale;
 };
 
 template <bool kSigned>

@@ -1,0 +1,304 @@
+"""8-bit block-wise state: the codes, the running maximum's guarantee, memory, every rule,
+the flat layout, checkpoints and sharding.
+
+The invariant that matters (see :mod:`amsgrad_jax._blockwise`): the stored running
+maximum is the true one rounded up *once* onto the current grid, whatever sequence of
+block scale changes came before. It is property-tested here against the exact running
+maximum, and compared with what a linear 8-bit code with free (non power-of-two) scales
+stores under the same sequence, which creeps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import amsgrad_jax
+from amsgrad_jax import _blockwise as bw
+from amsgrad_jax import blockwise8
+
+CODES = [bw.MOMENT_CODE, bw.SQUARE_CODE]
+
+
+def blockwise_tx(alias=amsgrad_jax.amsgrad, block_size=256, **kwargs):
+  fmt = blockwise8(block_size)
+  return alias(1e-2, mu_dtype=fmt, nu_dtype=fmt, **kwargs)
+
+
+# ---- the codes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", CODES, ids=["mu", "nu"])
+@pytest.mark.parametrize("exponent", [None, -20, 0, 37, 126])
+def test_every_code_decodes_and_encodes_back_to_itself(code, exponent):
+  exponent = code.lowest_scale if exponent is None else exponent
+  codes = jnp.arange(256, dtype=jnp.uint8)
+  valid = np.asarray(codes & 0x7F if code.signed else codes) <= code.largest
+  values = bw.decode(codes, jnp.int32(exponent), code)
+  assert bool(jnp.all(jnp.isfinite(values)))
+  for upward in (False, True):
+    back = np.asarray(bw.encode(values, jnp.int32(exponent), code, upward))
+    negative_zero = np.asarray(codes) == 0x80
+    assert np.array_equal(back[valid & ~negative_zero], np.asarray(codes)[valid & ~negative_zero])
+
+
+@pytest.mark.parametrize("code", CODES, ids=["mu", "nu"])
+def test_codes_are_monotone_and_the_largest_is_1_875(code):
+  magnitudes = jnp.arange(code.largest + 1, dtype=jnp.uint8)
+  values = np.asarray(bw.decode(magnitudes, jnp.int32(0), code))
+  assert np.all(np.diff(values) > 0)
+  assert values[-1] == 1.875
+  assert values[1] == 2.0 ** (code.emin - code.mantissa_bits)
+
+
+def test_encoding_rounds_to_nearest_and_upward_brackets_the_value():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(np.abs(rng.standard_normal(4096)) * np.exp(rng.uniform(-20, 5, 4096)), jnp.float32)
+  exponent = bw.block_exponents(jnp.max(x), bw.SQUARE_CODE, upward=True)
+  up = bw.decode(bw.encode(x, exponent, bw.SQUARE_CODE, True), exponent, bw.SQUARE_CODE)
+  near = bw.decode(bw.encode(x, exponent, bw.SQUARE_CODE, False), exponent, bw.SQUARE_CODE)
+  assert bool(jnp.all(up >= x))
+  assert bool(jnp.all(jnp.abs(near - x) <= jnp.abs(up - x) + 1e-45))
+  below = jnp.where(up > x, up, jnp.inf)  # the code below `up` is under x wherever up > x
+  codes = bw.encode(x, exponent, bw.SQUARE_CODE, True)
+  previous = bw.decode(jnp.maximum(codes, 1) - 1, exponent, bw.SQUARE_CODE)
+  assert bool(jnp.all(jnp.where(jnp.isfinite(below) & (codes > 0), previous < x, True)))
+
+
+# ---- the running maximum --------------------------------------------------------------------
+
+
+def _store_max(stored, new_values, block_size):
+  """One step of the running maximum, exactly as the optimizer stores it."""
+  return bw.quantize(jnp.maximum(bw.dequantize(stored), new_values), block_size, False, True)
+
+
+def _ceil_on_grid(true_max, stored):
+  """``true_max`` rounded up onto ``stored``'s current grid (its block exponents)."""
+  block = bw.block_length(stored.shape, stored.block_size)
+  blocked = bw._blocked(true_max, block)
+  codes = bw.encode(blocked, stored.exponents[..., None].astype(jnp.int32), stored.code, True)
+  return bw._unblocked(bw.decode(codes, stored.exponents[..., None], stored.code), stored.shape)
+
+
+def _linear_store_max(codes, scales, new_values):
+  """The same running maximum in a linear 8-bit code with a free float32 scale per block
+  (value = code / 255 * scale), rounded up: every change of scale re-rounds every element."""
+  values = np.maximum(codes / 255.0 * scales[:, None], new_values).astype(np.float32)
+  scales = values.max(axis=1).astype(np.float32)
+  safe = np.where(scales > 0, scales, 1.0)
+  codes = np.clip(np.ceil(values / safe[:, None] * 255.0), 0, 255)
+  return codes, scales
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  steps=st.integers(1, 40),
+  growth=st.floats(0.0, 1.5),
+  block_size=st.sampled_from([1, 7, 64, 256]),
+)
+def test_stored_maximum_is_the_true_one_rounded_up_once(seed, steps, growth, block_size):
+  """Property: after any sequence of steps, whatever the scale changes, the stored maximum
+  is never below the true running maximum and is exactly it rounded up onto the current
+  grid: at most one code step above it, with no creep."""
+  rng = np.random.default_rng(seed)
+  shape = (3, 300)
+  true_max = np.zeros(shape, np.float32)
+  stored = bw.quantize(jnp.zeros(shape), block_size, False, True)
+  for t in range(steps):
+    magnitude = np.exp(growth * t + rng.uniform(-25, 5, shape))  # scales grow and jump
+    new = (rng.standard_normal(shape) ** 2 * magnitude).astype(np.float32)
+    new[rng.uniform(size=shape) < 0.2] = 0.0
+    true_max = np.maximum(true_max, new)
+    stored = _store_max(stored, jnp.asarray(new), block_size)
+    values = np.asarray(bw.dequantize(stored))
+    assert np.all(values >= true_max)
+    assert np.array_equal(values, np.asarray(_ceil_on_grid(jnp.asarray(true_max), stored)))
+
+
+def test_linear_code_creeps_where_blockwise8_does_not():
+  """With scales that keep growing, a linear code's stored maximum drifts upward, ours
+  stays within one code step of the truth: the ratio of stored to true, at the median."""
+  rng = np.random.default_rng(1)
+  shape = (64, 256)
+  true_max = np.zeros(shape, np.float32)
+  stored = bw.quantize(jnp.zeros(shape), 256, False, True)
+  codes, scales = np.zeros(shape), np.zeros(shape[0], np.float32)
+  for t in range(200):
+    new = (rng.standard_normal(shape) ** 2 * np.exp(0.05 * t)).astype(np.float32)
+    true_max = np.maximum(true_max, new)
+    stored = _store_max(stored, jnp.asarray(new), 256)
+    codes, scales = _linear_store_max(codes, scales, new)
+  ours = np.asarray(bw.dequantize(stored))
+  assert np.all(ours >= true_max)
+  assert np.array_equal(ours, np.asarray(_ceil_on_grid(jnp.asarray(true_max), stored)))
+  # The linear code: in code steps above the truth, on its final grid.
+  linear_steps = codes - np.ceil(true_max / scales[:, None] * 255.0)
+  assert np.all(linear_steps >= 0)
+  assert np.mean(linear_steps > 0) > 0.5 and np.max(linear_steps) >= 3
+
+
+# ---- in the optimizer ------------------------------------------------------------------------
+
+
+def quadratic_run(tx, steps=60, dtype=jnp.float32, shape=(8, 300)):
+  target = jnp.asarray(np.random.default_rng(0).standard_normal(shape), dtype)
+  params = {"w": jnp.zeros(shape, dtype), "b": jnp.zeros((shape[-1],), dtype)}
+  state = tx.init(params)
+
+  def loss(p):
+    return jnp.mean((p["w"].astype(jnp.float32) - target) ** 2) + jnp.mean(p["b"] ** 2)
+
+  @jax.jit
+  def step(p, s):
+    grads = jax.grad(loss)(p)
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  first = float(loss(params))
+  for _ in range(steps):
+    params, state = step(params, state)
+  return first, float(loss(params)), params, state
+
+
+@pytest.mark.parametrize("convention", amsgrad_jax.CONVENTIONS)
+@pytest.mark.parametrize("alias", [amsgrad_jax.amsgrad, amsgrad_jax.amsgradw])
+def test_every_rule_trains_with_blockwise8_state(alias, convention):
+  first, last, _, state = quadratic_run(blockwise_tx(alias, convention=convention))
+  assert np.isfinite(last) and last < 0.5 * first
+  reference_first, reference_last, _, _ = quadratic_run(alias(1e-2, convention=convention))
+  assert last < 1.5 * reference_last + 1e-3
+
+
+def test_bytes_per_parameter_measured_from_the_arrays():
+  params = {"w": jnp.zeros((512, 1024)), "b": jnp.zeros((1024,)), "head": jnp.zeros((1024, 256))}
+  count = sum(x.size for x in jax.tree.leaves(params))
+
+  def state_bytes(tx):
+    state = tx.init(params)
+    return sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim > 0) / count
+
+  assert state_bytes(amsgrad_jax.amsgrad(1e-3)) == 12.0
+  bf16 = amsgrad_jax.amsgrad(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+  assert state_bytes(bf16) == 6.0
+  assert state_bytes(blockwise_tx()) <= 3.1
+  assert state_bytes(blockwise_tx()) == pytest.approx(3 * (1 + 1 / 256), abs=1e-3)
+
+
+def test_every_leaf_is_stored_in_8_bits_whatever_its_size():
+  params = {"scalar": jnp.ones(()), "tiny": jnp.ones((3,)), "odd": jnp.ones((5, 1000))}
+  state = blockwise_tx().init(params)[1]
+  for moment in (state.mu, state.nu, state.nu_max):
+    for leaf in bw.moment_leaves(moment):
+      assert leaf.codes.dtype == jnp.uint8 and leaf.exponents.dtype == jnp.int8
+  assert state.nu_max["odd"].exponents.shape == (5, 4)
+  assert state.nu_max["scalar"].exponents.shape == (1,)
+
+
+def test_flat_state_stores_the_same_codes_as_the_tree_layout():
+  rng = np.random.default_rng(2)
+  params = {"w": jnp.asarray(rng.standard_normal((4, 300)), jnp.float32), "b": jnp.zeros((7,))}
+  results = []
+  for flat in (False, True):
+    tx = blockwise_tx(flat_state=flat)
+    state, p = tx.init(params), params
+    for t in range(5):  # eagerly: op by op, the same arithmetic in both layouts
+      grads = jax.tree.map(lambda x, t=t: jnp.asarray(np.cos(np.arange(x.size) + t)).reshape(x.shape).astype(x.dtype), p)
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    moment = state[1].nu_max
+    leaves = moment.leaves() if flat else bw.moment_leaves(moment)
+    results.append((p, [np.asarray(leaf.codes) for leaf in leaves]))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), results[0][0], results[1][0]))
+  for a, b in zip(results[0][1], results[1][1], strict=True):
+    assert np.array_equal(a, b)
+
+
+def test_skip_nonfinite_leaves_blockwise8_state_bit_identical():
+  tx = amsgrad_jax.skip_nonfinite(blockwise_tx(), max_consecutive_errors=3)
+  params = {"w": jnp.ones((2, 300))}
+  state = tx.init(params)
+  updates, state = tx.update({"w": jnp.full((2, 300), 0.5)}, state, params)
+  params = optax.apply_updates(params, updates)
+  bad = {"w": jnp.full((2, 300), 0.5).at[1, 7].set(jnp.nan)}
+  updates, after = jax.jit(tx.update)(bad, state, params)
+  assert bool(jnp.all(updates["w"] == 0))
+  inner_before, inner_after = state.inner_state, after.inner_state
+  for a, b in zip(jax.tree.leaves(inner_before), jax.tree.leaves(inner_after), strict=True):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_inject_hyperparams_with_blockwise8_state():
+  fmt = blockwise8()
+  tx = optax.inject_hyperparams(amsgrad_jax.amsgrad)(learning_rate=1e-2, mu_dtype=fmt, nu_dtype=fmt)
+  first, last, _, _ = quadratic_run(tx)
+  assert last < 0.5 * first
+
+
+def test_blockwise8_needs_real_parameters_and_a_sane_block_size():
+  with pytest.raises(ValueError, match="blockwise8.*real parameters"):
+    blockwise_tx().init({"z": jnp.ones((4,), jnp.complex64)})
+  for bad in (0, -3, 1.5, True, 70000):
+    with pytest.raises(ValueError, match="block_size must be an integer"):
+      blockwise8(bad)
+  with pytest.raises(ValueError, match="mu_dtype must be a floating dtype, blockwise8"):
+    amsgrad_jax.amsgrad(1e-3, mu_dtype="int8")
+
+
+def test_restored_blockwise8_state_continues_bit_identically(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  tx = blockwise_tx(amsgrad_jax.amsgradw)
+  _, _, params, state = quadratic_run(tx, steps=10)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", {"params": params, "state": state})
+  checkpointer.wait_until_finished()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "state": state})
+  restored = checkpointer.restore(tmp_path / "ckpt", abstract)
+
+  def continue_run(p, s):
+    for t in range(10):
+      grads = jax.tree.map(lambda x, t=t: jnp.sin(x + t), p)
+      updates, s = jax.jit(tx.update)(grads, s, p)
+      p = optax.apply_updates(p, updates)
+    return p, s
+
+  expected = continue_run(params, state)
+  got = continue_run(restored["params"], restored["state"])
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.host_devices
+def test_sharded_blockwise8_state_stays_sharded_without_collectives():
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  sharding = NamedSharding(mesh, P("data", "model"))
+  params = {"w": jax.device_put(jnp.ones((16, 1024)), sharding)}
+  tx = blockwise_tx(block_size=256)
+  state = tx.init(params)
+  for moment in (state[1].mu, state[1].nu, state[1].nu_max):
+    assert moment["w"].codes.sharding.spec == P("data", "model")
+    assert moment["w"].exponents.sharding.spec == P("data", "model")
+
+  @jax.jit
+  def step(p, s):
+    updates, s = tx.update(jax.tree.map(jnp.cos, p), s, p)
+    return optax.apply_updates(p, updates), s
+
+  compiled = step.lower(params, state).compile().as_text()
+  collectives = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+  assert not [c for c in collectives if c in compiled]
+  _, new_state = step(params, state)
+  assert new_state[1].nu_max["w"].exponents.sharding.spec == P("data", "model")
+  straddling = {"w": jax.device_put(jnp.ones((16, 1000)), sharding)}
+  with pytest.raises(ValueError, match="straddle"):
+    tx.init(straddling)
