@@ -14,7 +14,10 @@ kernel, and a resumed run repeats them, with no random state to keep.
 
 So that ``optax.apply_updates`` (and ``nnx.Optimizer``) land exactly on the rounded value,
 the update emitted is :math:`q - p`, which bfloat16 holds exactly whenever :math:`q`
-and :math:`p` are within a factor of two of each other (Sterbenz's lemma).
+and :math:`p` are within a factor of two of each other (Sterbenz's lemma); where it is
+not exact and the rounded difference would miss :math:`q`, it is moved by one step. (When
+:math:`p` has bits finer than :math:`q`'s spacing, as a tiny :math:`p` whose update
+crosses zero, no update lands exactly; the sum is then within one spacing of :math:`q`.)
 """
 
 from __future__ import annotations
@@ -105,5 +108,16 @@ def rounded_updates(params: Any, updates: Any, seed: Any, count: jax.Array) -> A
       continue
     p32 = widen(p)
     q = stochastic_round(p32 + widen(u), p.dtype, leaf_bits(key, index, p.shape))
-    out.append((widen(q) - p32).astype(p.dtype))
+    out.append(landing_update(p32, widen(q), p.dtype))
   return jax.tree.unflatten(treedef, out)
+
+
+def landing_update(p32: jax.Array, q32: jax.Array, dtype: Any) -> jax.Array:
+  """The update ``e`` in ``dtype`` with ``p + e`` (rounded to ``dtype``, as
+  ``optax.apply_updates`` adds) equal to ``q``: ``q - p`` rounded, moved by one step
+  where that rounding made the sum miss ``q`` (when ``p`` and ``q`` are more than a
+  factor of two apart, or of opposite signs)."""
+  update = (q32 - p32).astype(dtype)
+  landed = widen((p32 + widen(update)).astype(dtype))
+  nudged = _next(update, landed < q32)
+  return jnp.where(landed == q32, update, nudged)

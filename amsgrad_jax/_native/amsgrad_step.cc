@@ -293,7 +293,11 @@ inline P NewParam(C p, C u, const Scalars<C>& s, size_t index, uint32_t leaf_key
     const C x = Through<P>(s.neg_lr * u) + p;
     const uint32_t random = Mix(Mix(static_cast<uint32_t>(index) + leaf_key) ^ s.key);
     const C q = Load<C>(StochasticBf16(x, random));
-    return Nearest<P>(p + Through<P>(q - p));
+    // The update optax.apply_updates adds (_rounding.landing_update), then the sum.
+    bf16 update = Nearest<P>(q - p);
+    const C landed = Through<P>(p + Load<C>(update));
+    if (landed != q) update = NextBf16(update, landed < q);
+    return Nearest<P>(p + Load<C>(update));
   } else {
     return Nearest<P>(MulAdd<P>(s.neg_lr, u, p));
   }

@@ -1,0 +1,148 @@
+"""The native step with compact state and stochastic rounding: bit for bit the Optax path.
+
+Over 100 steps with spikes, all-zero steps and a schedule, ``apply_step`` and
+``tx.update`` + ``optax.apply_updates`` (both jitted) store the same 8-bit codes and block
+exponents, and write the same stochastically rounded bfloat16 parameters.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _sequences import gradient_sequence
+from test_apply_step import native_kernel  # noqa: F401  (the fixture: the kernel is active)
+
+import amsgrad_jax
+
+pytestmark = pytest.mark.native_cpu
+
+STEPS = 100
+SHAPES = {"kernel": (7, 300), "bias": (300,), "small": (3, 5), "scalar": (), "conv": (2, 3, 40)}
+
+
+def SCHEDULE(count):  # a cosine decay, written for strict dtype promotion
+  return 5e-3 * (1.0 + jnp.cos(jnp.pi * count.astype(jnp.float32) / STEPS))
+
+
+def _options(kind: str) -> dict:
+  fmt = amsgrad_jax.blockwise8(64)
+  return {
+    "blockwise8": {"mu_dtype": fmt, "nu_dtype": fmt},
+    "stochastic": {"param_rounding": "stochastic", "rounding_seed": 11},
+    "stochastic_f32_state": {"param_rounding": "stochastic", "mu_dtype": jnp.float32},
+    "both": {"param_rounding": "stochastic", "mu_dtype": fmt, "nu_dtype": fmt},
+  }[kind]
+
+
+def _run(tx, params, grads, native: bool):
+  @jax.jit
+  def step(p, s, g):
+    if native:
+      return amsgrad_jax.apply_step(tx, g, s, p)
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  state = tx.init(params)
+  for g in grads:
+    params, state = step(params, state, g)
+  return params, state
+
+
+def _bits(tree):
+  def as_bits(x):
+    x = jnp.asarray(x)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    return np.asarray(jax.lax.bitcast_convert_type(x, width) if x.dtype != width else x)
+
+  return [as_bits(x) for x in jax.tree.leaves(tree)]
+
+
+CASES = [
+  (alias, kind, dtype, convention)
+  for alias in ("amsgrad", "amsgradw")
+  for kind in ("blockwise8", "stochastic", "stochastic_f32_state", "both")
+  for dtype in ("float32", "bfloat16")
+  for convention in (("pytorch", "keras", "optax", "paper") if kind == "blockwise8" else ("pytorch",))
+  if not (dtype == "float32" and kind.startswith("stochastic"))
+]
+
+
+@pytest.mark.parametrize(("alias", "kind", "dtype", "convention"), CASES)
+def test_native_and_optax_paths_agree_bit_for_bit(alias, kind, dtype, convention):
+  dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[dtype]
+  weight_decay = {"weight_decay": 1e-2} if alias == "amsgrad" else {}
+  tx = getattr(amsgrad_jax, alias)(
+    SCHEDULE, convention=convention, **weight_decay, **_options(kind)
+  )
+  sequence = gradient_sequence(STEPS, dtype, shapes=SHAPES)
+  params = jax.tree.map(lambda g: jnp.asarray(g) * 0 + 1, sequence[0])
+  params = jax.tree.map(lambda p, g: (p + jnp.asarray(g)).astype(dtype), params, sequence[1])
+  grads = [jax.tree.map(jnp.asarray, g) for g in sequence]
+  status = amsgrad_jax.native_status(tx, tx.init(params), params)
+  assert status.active, status.reason
+  native = _run(tx, params, grads, native=True)
+  optax_path = _run(tx, params, grads, native=False)
+  assert jax.tree.structure(native) == jax.tree.structure(optax_path)
+  for a, b in zip(_bits(native), _bits(optax_path), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_blockwise8_runs_in_the_blockwise_kernel():
+  fmt = amsgrad_jax.blockwise8()
+  tx = amsgrad_jax.amsgradw(1e-3, mu_dtype=fmt, nu_dtype=fmt)
+  params = {"w": jnp.ones((4, 512)), "b": jnp.ones((512,))}
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: amsgrad_jax.apply_step(tx, g, s, p))
+  text = step.lower(params, state, params).compile().as_text()
+  targets = re.findall(r'custom_call_target="([a-z_]+)"', text)
+  assert targets == ["amsgrad_jax_step_blockwise"]
+
+
+@pytest.mark.parametrize(
+  ("make", "reason"),
+  [
+    (
+      lambda: amsgrad_jax.amsgrad(1e-3, mu_dtype=amsgrad_jax.blockwise8(), nu_dtype=jnp.float32),
+      "only one of mu_dtype and nu_dtype",
+    ),
+    (
+      lambda: amsgrad_jax.amsgrad(
+        1e-3, mu_dtype=amsgrad_jax.blockwise8(), nu_dtype=amsgrad_jax.blockwise8(), flat_state=True
+      ),
+      "flat layout",
+    ),
+    (
+      lambda: amsgrad_jax.skip_nonfinite(
+        amsgrad_jax.amsgrad(
+          1e-3, mu_dtype=amsgrad_jax.blockwise8(), nu_dtype=amsgrad_jax.blockwise8()
+        ),
+        3,
+      ),
+      "skip_nonfinite around an alias with blockwise8 state",
+    ),
+  ],
+)
+def test_what_the_kernel_does_not_take_falls_back_with_a_reason(make, reason):
+  tx = make()
+  params = {"w": jnp.ones((4, 300))}
+  state = tx.init(params)
+  status = amsgrad_jax.native_status(tx, state, params)
+  assert not status.active and reason in status.reason
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", amsgrad_jax.NativeFallbackWarning)
+    new_params, _ = jax.jit(lambda p, s, g: amsgrad_jax.apply_step(tx, g, s, p))(params, state, params)
+  updates, _ = tx.update(params, state, params)
+  np.testing.assert_array_equal(new_params["w"], optax.apply_updates(params, updates)["w"])
+
+
+def test_float16_parameters_with_stochastic_rounding_fall_back():
+  tx = amsgrad_jax.amsgrad(1e-3, param_rounding="stochastic")
+  params = {"w": jnp.ones((8,), jnp.float16)}
+  status = amsgrad_jax.native_status(tx, tx.init(params), params)
+  assert not status.active and "float16" in status.reason

@@ -1,0 +1,134 @@
+"""Stochastic rounding of bfloat16 and float16 parameter writes (``param_rounding``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import amsgrad_jax
+from amsgrad_jax import _rounding
+
+NARROW = [jnp.bfloat16, jnp.float16]
+
+
+@pytest.mark.parametrize("dtype", NARROW)
+@pytest.mark.parametrize("value", [1.0 + 2.0**-10, -3.3e-5, 1234.567, 2.0**-20])
+def test_rounding_is_unbiased_and_lands_on_a_neighbour(dtype, value):
+  x = jnp.full((100_000,), value, jnp.float32)
+  bits = _rounding.leaf_bits(_rounding.step_key(7, jnp.int32(3)), 0, x.shape)
+  rounded = _rounding.stochastic_round(x, dtype, bits)
+  neighbours = np.unique(np.asarray(rounded.astype(jnp.float32)))
+  assert len(neighbours) <= 2 and neighbours.min() <= value <= neighbours.max()
+  spacing = float(neighbours.max() - neighbours.min()) or abs(value)
+  mean = float(jnp.mean(rounded.astype(jnp.float32)))
+  assert abs(mean - value) < 0.02 * spacing  # ~6 standard errors of 100k draws
+
+
+@pytest.mark.parametrize("dtype", NARROW)
+def test_exact_and_special_values_are_kept(dtype):
+  x = jnp.asarray([0.0, -0.0, 1.0, -2.5, jnp.inf, -jnp.inf, jnp.nan], jnp.float32)
+  bits = _rounding.leaf_bits(_rounding.step_key(0, jnp.int32(1)), 0, x.shape)
+  rounded = np.asarray(_rounding.stochastic_round(x, dtype, bits).astype(jnp.float32))
+  np.testing.assert_array_equal(rounded[:6], np.asarray(x[:6]))
+  assert np.isnan(rounded[6])
+
+
+def train(mode, dtype=jnp.bfloat16, steps=200, seed=0, lr=1e-4, start=None, state=None):
+  """Constant gradients and a learning rate far below bfloat16's spacing at 1."""
+  params = {"w": jnp.ones((4096,), dtype)} if start is None else start
+  tx = amsgrad_jax.amsgrad(lr, param_rounding=mode, rounding_seed=seed, mu_dtype=jnp.float32)
+  state = tx.init(params) if state is None else state
+
+  @jax.jit
+  def step(p, s):
+    updates, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p)
+    return optax.apply_updates(p, updates), s
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+@pytest.mark.parametrize("dtype", NARROW)
+def test_small_steps_are_kept_in_expectation(dtype):
+  nearest, _ = train("nearest", dtype)
+  stochastic, _ = train("stochastic", dtype)
+  expected = 1.0 - 200 * 1e-4
+  if dtype == jnp.bfloat16:  # 1e-4 is under half of bfloat16's spacing at 1 (2**-8)
+    assert bool(jnp.all(nearest["w"] == 1))
+  assert abs(float(jnp.mean(stochastic["w"].astype(jnp.float32))) - expected) < 1e-3
+
+
+def test_the_bits_are_fixed_by_the_seed_and_the_step_and_repeat_on_resume():
+  first, _ = train("stochastic", steps=20, seed=1)
+  again, _ = train("stochastic", steps=20, seed=1)
+  other, _ = train("stochastic", steps=20, seed=2)
+  assert bool(jnp.all(first["w"] == again["w"]))
+  assert not bool(jnp.all(first["w"] == other["w"]))
+  half, state = train("stochastic", steps=10, seed=1)
+  resumed, _ = train("stochastic", steps=10, seed=1, start=half, state=state)
+  assert bool(jnp.all(resumed["w"] == first["w"]))
+
+
+@pytest.mark.parametrize("dtype", NARROW)
+def test_updates_land_apply_updates_on_the_rounded_value(dtype):
+  """Exactly where the parameter and its rounded new value are within a factor of two (a
+  training step), and within one spacing anywhere (a tiny parameter crossing zero)."""
+  rng = np.random.default_rng(0)
+  n = 100_000
+  p = jnp.asarray(rng.standard_normal(n) * np.exp(rng.uniform(-8, 2, n)), dtype)
+  u = jnp.asarray(rng.standard_normal(n) * 1e-2, dtype)
+  key = _rounding.step_key(0, jnp.int32(5))
+  emitted = _rounding.rounded_updates({"p": p}, {"p": u}, 0, jnp.int32(5))["p"]
+  wide = p.astype(jnp.float32) + u.astype(jnp.float32)
+  target = _rounding.stochastic_round(wide, dtype, _rounding.leaf_bits(key, 0, p.shape))
+  landed = jax.jit(optax.apply_updates)({"p": p}, {"p": emitted})["p"]
+  p32, q32, got = (np.asarray(x.astype(jnp.float32)) for x in (p, target, landed))
+  close = (np.sign(p32) == np.sign(q32)) & (np.abs(q32) <= 2 * np.abs(p32)) & (np.abs(p32) <= 2 * np.abs(q32))
+  assert close.mean() > 0.5
+  np.testing.assert_array_equal(got[close], q32[close])
+  spacing = np.maximum(
+    *(np.abs(np.asarray(_rounding._next(target, up).astype(jnp.float32)) - q32) for up in (True, False))
+  )
+  assert np.all(np.abs(got - q32) <= spacing)
+  assert np.mean(got == q32) > 0.97
+
+
+def test_wider_parameters_are_unaffected():
+  nearest, _ = train("nearest", jnp.float32, steps=20, lr=1e-2)
+  stochastic, _ = train("stochastic", jnp.float32, steps=20, lr=1e-2)
+  assert bool(jnp.all(nearest["w"] == stochastic["w"]))
+
+
+def test_works_through_nnx_optimizer():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(64, 64, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+  tx = amsgrad_jax.amsgrad(1e-4, param_rounding="stochastic")
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  before = np.asarray(model.kernel[...].astype(jnp.float32))
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 64), jnp.bfloat16)).astype(jnp.float32)))(model)
+    optimizer.update(model, grads)
+
+  for _ in range(50):
+    step(model, optimizer)
+  moved = np.asarray(model.kernel[...].astype(jnp.float32)) - before
+  # every kernel element has gradient 1: it moves by 50 * 1e-4 on average, not by 0
+  assert abs(float(np.mean(moved)) + 50 * 1e-4) < 1e-3
+
+
+def test_stochastic_rounding_needs_params_and_checks_its_options():
+  tx = amsgrad_jax.amsgrad(1e-3, param_rounding="stochastic")
+  state = tx.init({"w": jnp.ones(3, jnp.bfloat16)})
+  with pytest.raises(ValueError, match="needs them: call tx.update"):
+    tx.update({"w": jnp.ones(3, jnp.bfloat16)}, state)
+  with pytest.raises(ValueError, match='param_rounding must be "nearest" or "stochastic"'):
+    amsgrad_jax.amsgradw(1e-3, param_rounding="up")
+  for seed in (-1, 2**32, 1.5, "0"):
+    with pytest.raises(ValueError, match="rounding_seed must be an integer"):
+      amsgrad_jax.amsgrad(1e-3, rounding_seed=seed)
