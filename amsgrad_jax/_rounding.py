@@ -99,7 +99,7 @@ def rounded_updates(params: Any, updates: Any, seed: Any, count: jax.Array) -> A
   stochastically (other leaves unchanged): ``q - p``, with ``q`` the rounded value."""
   key = step_key(seed, count)
   leaves, treedef = jax.tree.flatten(params)
-  update_leaves = treedef.flatten_up_to(updates)
+  update_leaves = treedef.flatten_up_to(updates)  # type: ignore[attr-defined]
   out = []
   for index, (p, u) in enumerate(zip(leaves, update_leaves, strict=True)):
     p, u = jnp.asarray(p), jnp.asarray(u)

@@ -12,7 +12,9 @@ worker looks its own up by name. Adding one is one entry in :data:`CONTENDERS`:
 
 ``bytes_per_param`` is what one pass over memory must move per parameter, the yardstick
 of :mod:`benchmarks.limit`: 36 for float32 AMSGrad, 28 for Adam (no ``nu_max``), 24 with
-the moments stored in bfloat16, and 4 more where the global norm reads the gradient first.
+the moments stored in bfloat16, 18 with them in 8 bits (:func:`amsgrad_jax.blockwise8`: a byte
+per element and moment, and the block exponents rounded away), and 4 more where the global
+norm reads the gradient first.
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ def _bf16_state(learning_rate: float) -> optax.GradientTransformation:
   return amsgrad_jax.amsgrad(learning_rate, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
 
 
+def _blockwise8_state(learning_rate: float) -> optax.GradientTransformation:
+  fmt = amsgrad_jax.blockwise8()
+  return amsgrad_jax.amsgrad(learning_rate, mu_dtype=fmt, nu_dtype=fmt)
+
+
 def _flat_state(learning_rate: float) -> optax.GradientTransformation:
   return amsgrad_jax.amsgrad(learning_rate, flat_state=True)
 
@@ -84,6 +91,9 @@ CONTENDERS = [
   _torch(TORCH_FUSED, fused=True),
   Contender("apply_step, flat state", _flat_state, native=True),
   Contender("apply_step, bf16 state", _bf16_state, native=True, bytes_per_param=24),
+  Contender("apply_step, 8-bit state", _blockwise8_state, native=True, bytes_per_param=18),
+  Contender("amsgrad_jax, bf16 state", _bf16_state, bytes_per_param=24),
+  Contender("amsgrad_jax, 8-bit state", _blockwise8_state, bytes_per_param=18),
   Contender("optax.adam", optax.adam, bytes_per_param=28),
   _torch("torch foreach", foreach=True),
   Contender("clip + apply_step (amsgradw)", _clipped_amsgradw, native=True, bytes_per_param=40),

@@ -58,7 +58,9 @@ def test_codes_are_monotone_and_the_largest_is_1_875(code):
 
 def test_encoding_rounds_to_nearest_and_upward_brackets_the_value():
   rng = np.random.default_rng(0)
-  x = jnp.asarray(np.abs(rng.standard_normal(4096)) * np.exp(rng.uniform(-20, 5, 4096)), jnp.float32)
+  x = jnp.asarray(
+    np.abs(rng.standard_normal(4096)) * np.exp(rng.uniform(-20, 5, 4096)), jnp.float32
+  )
   exponent = bw.block_exponents(jnp.max(x), bw.SQUARE_CODE, upward=True)
   up = bw.decode(bw.encode(x, exponent, bw.SQUARE_CODE, True), exponent, bw.SQUARE_CODE)
   near = bw.decode(bw.encode(x, exponent, bw.SQUARE_CODE, False), exponent, bw.SQUARE_CODE)
@@ -141,7 +143,8 @@ def test_linear_code_creeps_where_blockwise8_does_not():
   # The linear code: in code steps above the truth, on its final grid.
   linear_steps = codes - np.ceil(true_max / scales[:, None] * 255.0)
   assert np.all(linear_steps >= 0)
-  assert np.mean(linear_steps > 0) > 0.5 and np.max(linear_steps) >= 3
+  assert np.mean(linear_steps > 0) > 0.5
+  assert np.max(linear_steps) >= 3
 
 
 # ---- in the optimizer ------------------------------------------------------------------------
@@ -170,9 +173,10 @@ def quadratic_run(tx, steps=60, dtype=jnp.float32, shape=(8, 300)):
 @pytest.mark.parametrize("convention", amsgrad_jax.CONVENTIONS)
 @pytest.mark.parametrize("alias", [amsgrad_jax.amsgrad, amsgrad_jax.amsgradw])
 def test_every_rule_trains_with_blockwise8_state(alias, convention):
-  first, last, _, state = quadratic_run(blockwise_tx(alias, convention=convention))
-  assert np.isfinite(last) and last < 0.5 * first
-  reference_first, reference_last, _, _ = quadratic_run(alias(1e-2, convention=convention))
+  first, last, _, _ = quadratic_run(blockwise_tx(alias, convention=convention))
+  assert np.isfinite(last)
+  assert last < 0.5 * first
+  _, reference_last, _, _ = quadratic_run(alias(1e-2, convention=convention))
   assert last < 1.5 * reference_last + 1e-3
 
 
@@ -196,7 +200,8 @@ def test_every_leaf_is_stored_in_8_bits_whatever_its_size():
   state = blockwise_tx().init(params)[1]
   for moment in (state.mu, state.nu, state.nu_max):
     for leaf in bw.moment_leaves(moment):
-      assert leaf.codes.dtype == jnp.uint8 and leaf.exponents.dtype == jnp.int8
+      assert leaf.codes.dtype == jnp.uint8
+      assert leaf.exponents.dtype == jnp.int8
   assert state.nu_max["odd"].exponents.shape == (5, 4)
   assert state.nu_max["scalar"].exponents.shape == (1,)
 
@@ -209,13 +214,18 @@ def test_flat_state_stores_the_same_codes_as_the_tree_layout():
     tx = blockwise_tx(flat_state=flat)
     state, p = tx.init(params), params
     for t in range(5):  # eagerly: op by op, the same arithmetic in both layouts
-      grads = jax.tree.map(lambda x, t=t: jnp.asarray(np.cos(np.arange(x.size) + t)).reshape(x.shape).astype(x.dtype), p)
+      grads = jax.tree.map(
+        lambda x, t=t: jnp.asarray(np.cos(np.arange(x.size) + t)).reshape(x.shape).astype(x.dtype),
+        p,
+      )
       updates, state = tx.update(grads, state, p)
       p = optax.apply_updates(p, updates)
     moment = state[1].nu_max
     leaves = moment.leaves() if flat else bw.moment_leaves(moment)
     results.append((p, [np.asarray(leaf.codes) for leaf in leaves]))
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), results[0][0], results[1][0]))
+  assert jax.tree.all(
+    jax.tree.map(lambda a, b: bool(jnp.all(a == b)), results[0][0], results[1][0])
+  )
   for a, b in zip(results[0][1], results[1][1], strict=True):
     assert np.array_equal(a, b)
 
@@ -242,7 +252,7 @@ def test_inject_hyperparams_with_blockwise8_state():
 
 
 def test_blockwise8_needs_real_parameters_and_a_sane_block_size():
-  with pytest.raises(ValueError, match="blockwise8.*real parameters"):
+  with pytest.raises(ValueError, match=r"blockwise8.*real parameters"):
     blockwise_tx().init({"z": jnp.ones((4,), jnp.complex64)})
   for bad in (0, -3, 1.5, True, 70000):
     with pytest.raises(ValueError, match="block_size must be an integer"):
@@ -272,7 +282,8 @@ def test_restored_blockwise8_state_continues_bit_identically(tmp_path):
   got = continue_run(restored["params"], restored["state"])
   assert jax.tree.structure(got) == jax.tree.structure(expected)
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
-    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    assert a.dtype == b.dtype
+    assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.host_devices

@@ -68,7 +68,9 @@ CASES = [
   for alias in ("amsgrad", "amsgradw")
   for kind in ("blockwise8", "stochastic", "stochastic_f32_state", "both")
   for dtype in ("float32", "bfloat16")
-  for convention in (("pytorch", "keras", "optax", "paper") if kind == "blockwise8" else ("pytorch",))
+  for convention in (
+    ("pytorch", "keras", "optax", "paper") if kind == "blockwise8" else ("pytorch",)
+  )
   if not (dtype == "float32" and kind.startswith("stochastic"))
 ]
 
@@ -133,10 +135,13 @@ def test_what_the_kernel_does_not_take_falls_back_with_a_reason(make, reason):
   params = {"w": jnp.ones((4, 300))}
   state = tx.init(params)
   status = amsgrad_jax.native_status(tx, state, params)
-  assert not status.active and reason in status.reason
+  assert not status.active
+  assert reason in status.reason
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", amsgrad_jax.NativeFallbackWarning)
-    new_params, _ = jax.jit(lambda p, s, g: amsgrad_jax.apply_step(tx, g, s, p))(params, state, params)
+    new_params, _ = jax.jit(lambda p, s, g: amsgrad_jax.apply_step(tx, g, s, p))(
+      params, state, params
+    )
   updates, _ = tx.update(params, state, params)
   np.testing.assert_array_equal(new_params["w"], optax.apply_updates(params, updates)["w"])
 
@@ -145,4 +150,5 @@ def test_float16_parameters_with_stochastic_rounding_fall_back():
   tx = amsgrad_jax.amsgrad(1e-3, param_rounding="stochastic")
   params = {"w": jnp.ones((8,), jnp.float16)}
   status = amsgrad_jax.native_status(tx, tx.init(params), params)
-  assert not status.active and "float16" in status.reason
+  assert not status.active
+  assert "float16" in status.reason

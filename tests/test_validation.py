@@ -174,7 +174,9 @@ def test_unknown_convention_lists_the_known_names(factory, convention):
 @pytest.mark.parametrize("argument", ["mu_dtype", "nu_dtype"])
 @pytest.mark.parametrize("dtype", [jnp.int32, "int8", bool, np.uint8, "no-such-dtype", object, 3])
 def test_non_float_state_dtype_raises_value_error(factory, argument, dtype):
-  with pytest.raises(ValueError, match=rf"^{argument} must be a floating dtype, blockwise8\(\) or None"):
+  with pytest.raises(
+    ValueError, match=rf"^{argument} must be a floating dtype, blockwise8\(\) or None"
+  ):
     FACTORIES[factory](**{argument: dtype})
 
 

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-from jax.experimental.shard_alike import shard_alike
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 from amsgrad_jax import _numerics, _rounding
 from amsgrad_jax._blockwise import Blockwise8Array, is_blockwise, moment_leaves
@@ -83,7 +83,9 @@ def alias_step(plan: Plan, grads: Any, params: Any, clip: GradScale | None) -> t
   count = _numerics.safe_increment(state.count)
   scalars_for = _scalars(plan, clip)
   step = _flat_layout_step if isinstance(state.mu, FlatMoment) else _tree_layout_step
-  rounding = Rounding.STOCHASTIC if plan.options.param_rounding == "stochastic" else Rounding.NEAREST
+  rounding = (
+    Rounding.STOCHASTIC if plan.options.param_rounding == "stochastic" else Rounding.NEAREST
+  )
   new_params, mu, nu, nu_max = step(state, grads, params, plan.decay, scalars_for, rounding)
   new_state = list(plan.opt_state)
   new_state[plan.amsgrad_index] = ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)

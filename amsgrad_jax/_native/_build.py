@@ -40,6 +40,7 @@ FLAGS = (
   "-std=c++17",
   "-O3",
   "-march=native",
+  "-mprefer-vector-width=512",
   "-ffp-contract=off",
   "-fno-math-errno",
   "-fno-trapping-math",

@@ -30,8 +30,8 @@ import optax
 
 from amsgrad_jax import _guard, _numerics
 from amsgrad_jax._aliases import OPTIONS_ATTRIBUTE
-from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._blockwise import Blockwise8
+from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._native._alias_step import GradScale, alias_check, alias_step
 from amsgrad_jax._native._plan import Fallback, Plan, plan
 from amsgrad_jax._options import AliasOptions

@@ -146,8 +146,9 @@ inline uint32_t LeafKey(uint32_t key, int64_t leaf) {
 // The bfloat16 neighbour of `x` toward +infinity (upward) or -infinity.
 inline bf16 NextBf16(bf16 x, bool upward) {
   const bool negative = x >= 0x8000u;
-  if ((x & 0x7FFFu) == 0) return upward ? bf16{1} : bf16{0x8001u};
-  return static_cast<bf16>(upward != negative ? x + 1 : x - 1);
+  const bf16 from_zero = upward ? bf16{1} : bf16{0x8001u};
+  const bf16 next = static_cast<bf16>(upward != negative ? x + 1 : x - 1);
+  return (x & 0x7FFFu) == 0 ? from_zero : next;
 }
 
 // Float x rounded to bfloat16: up with probability (x - low) / (high - low).
@@ -160,21 +161,30 @@ inline bf16 StochasticBf16(float x, uint32_t random) {
   const float low32 = Load<float>(low);
   const float fraction = (x - low32) / (Load<float>(high) - low32);
   const float uniform = static_cast<float>(random >> 8) * 0x1p-24f;
-  if (back == x) return nearest;
-  return uniform < fraction ? high : low;
+  const bf16 pick = uniform < fraction ? high : low;
+  return back == x ? nearest : pick;
 }
 
 // ---- 8-bit block-wise codes (amsgrad_jax/_blockwise.py) ----------------------------------
+//
+// Written without branches or library calls, so that the per-element loops vectorise.
 
 inline uint32_t RoundMantissa(uint32_t bits, bool upward) {
   constexpr int kShift = 23 - kCodeMantissaBits;
   constexpr uint32_t kLow = (1u << kShift) - 1;
-  if (upward) return (bits + kLow) & ~kLow;
   constexpr uint32_t kHalf = (1u << (kShift - 1)) - 1;
-  return (bits + kHalf + ((bits >> kShift) & 1u)) & ~kLow;
+  return upward ? (bits + kLow) & ~kLow : (bits + kHalf + ((bits >> kShift) & 1u)) & ~kLow;
 }
 
-inline float PowerOfTwo(int e) { return BitsToFloat(static_cast<uint32_t>(e + 127) << 23); }
+// 2**e as a float, for e in [-126, 127].
+constexpr float PowerOfTwo(int e) {
+  float x = 1.0f;
+  for (; e > 0; --e) x *= 2.0f;
+  for (; e < 0; ++e) x *= 0.5f;
+  return x;
+}
+
+inline float PowerOfTwoBits(int e) { return BitsToFloat(static_cast<uint32_t>(e + 127) << 23); }
 
 // The code of mu (signed) or of nu and nu_max (unsigned).
 template <bool kSigned>
@@ -182,52 +192,53 @@ struct CodeOf {
   static constexpr int kEmin = kSigned ? kMomentCodeEmin : kSquareCodeEmin;
   static constexpr int kLargest = kSigned ? kMomentCodeLargest : kSquareCodeLargest;
   static constexpr int kLowestScale = kSigned ? kMomentCodeLowestScale : kSquareCodeLowestScale;
+  static constexpr float kSmallestNormal = PowerOfTwo(kEmin);
+  static constexpr float kSubnormalUnit = PowerOfTwo(kEmin - kCodeMantissaBits);
+  static constexpr float kPerSubnormalUnit = PowerOfTwo(kCodeMantissaBits - kEmin);
 };
 
+// A block's exponent from the float32 bits of its largest magnitude (as _blockwise.py).
 template <bool kSigned>
-inline int BlockExponent(float amax, bool upward) {
-  const float rounded = BitsToFloat(RoundMantissa(FloatToBits(amax), upward));
-  const int exponent = static_cast<int>((FloatToBits(rounded) >> 23) & 0xFFu) - 127;
+inline int BlockExponent(uint32_t amax_bits, bool upward) {
+  const int exponent = static_cast<int>((RoundMantissa(amax_bits, upward) >> 23) & 0xFFu) - 127;
   return std::clamp(exponent, CodeOf<kSigned>::kLowestScale, kCodeHighestScale);
 }
 
+// |x| as float32 bits: unsigned order is the order of the magnitudes (a NaN above all).
+inline uint32_t MagnitudeBits(float x) { return FloatToBits(x) & 0x7FFFFFFFu; }
+
 template <bool kSigned, bool kUpward>
-inline uint8_t Encode(float x, int exponent) {
+inline uint8_t Encode(float x, float inverse_scale) {
   using Code = CodeOf<kSigned>;
   constexpr int m = kCodeMantissaBits;
-  const float scaled = std::fabs(x) * PowerOfTwo(-exponent);
-  int32_t magnitude;
-  if (scaled < std::ldexp(1.0f, Code::kEmin)) {
-    const float tiny = scaled * std::ldexp(1.0f, m - Code::kEmin);
-    magnitude = static_cast<int32_t>(kUpward ? std::ceil(tiny) : std::nearbyint(tiny));
-  } else {
-    const uint32_t rounded = RoundMantissa(FloatToBits(scaled), kUpward);
-    magnitude = static_cast<int32_t>(rounded >> (23 - m)) - ((127 + Code::kEmin - 1) << m);
-  }
-  if (kUpward && x > 0) magnitude = std::max(magnitude, 1);
-  magnitude = std::clamp(magnitude, 0, Code::kLargest);
-  if (kSigned && x < 0 && magnitude > 0) magnitude |= 0x80;
+  const float scaled = std::fabs(x) * inverse_scale;
+  const uint32_t rounded = RoundMantissa(FloatToBits(scaled), kUpward);
+  const int32_t normal = static_cast<int32_t>(rounded >> (23 - m)) - ((127 + Code::kEmin - 1) << m);
+  const float tiny = scaled * Code::kPerSubnormalUnit;
+  float tiny_rounded = kUpward ? std::ceil(tiny) : std::nearbyint(tiny);
+  tiny_rounded = tiny_rounded < 256.0f ? tiny_rounded : 256.0f;  // and NaN: not selected
+  const int32_t subnormal = static_cast<int32_t>(tiny_rounded);
+  int32_t magnitude = scaled < Code::kSmallestNormal ? subnormal : normal;
+  if (kUpward) magnitude = (x > 0 && magnitude < 1) ? 1 : magnitude;
+  magnitude = magnitude < 0 ? 0 : (magnitude > Code::kLargest ? Code::kLargest : magnitude);
+  if (kSigned) magnitude |= (x < 0 && magnitude > 0) ? 0x80 : 0;
   return static_cast<uint8_t>(magnitude);
 }
 
 template <bool kSigned>
-inline float Decode(uint8_t code, int exponent) {
+inline float Decode(uint8_t code, float scale) {
   using Code = CodeOf<kSigned>;
   constexpr int m = kCodeMantissaBits;
-  const int magnitude = code & Code::kLargest;
-  const int biased = magnitude >> m, mantissa = magnitude & ((1 << m) - 1);
-  const float value =
-      biased == 0 ? static_cast<float>(mantissa) * std::ldexp(1.0f, Code::kEmin - m)
-                  : BitsToFloat(static_cast<uint32_t>((biased - 1 + Code::kEmin + 127) << 23) |
-                                static_cast<uint32_t>(mantissa << (23 - m)));
-  const float scaled = value * PowerOfTwo(exponent);
-  return (kSigned && code >= 0x80) ? -scaled : scaled;
-}
-
-// |x| into a running maximum, NaN winning (as jnp.max).
-inline float MaxAbs(float amax, float x) {
-  const float a = std::fabs(x);
-  return (a > amax || a != a) ? a : amax;
+  const uint32_t magnitude = code & static_cast<uint32_t>(Code::kLargest);
+  const uint32_t biased = magnitude >> m, mantissa = magnitude & ((1u << m) - 1);
+  const float normal = BitsToFloat(((biased + static_cast<uint32_t>(Code::kEmin - 1 + 127)) << 23) |
+                                   (mantissa << (23 - m)));
+  const float subnormal = static_cast<float>(static_cast<int32_t>(mantissa)) * Code::kSubnormalUnit;
+  const float value = (biased == 0 ? subnormal : normal) * scale;
+  if constexpr (kSigned) {
+    return BitsToFloat(FloatToBits(value) | (static_cast<uint32_t>(code & 0x80u) << 24));
+  }
+  return value;
 }
 
 // ---- the step --------------------------------------------------------------------------
@@ -294,10 +305,10 @@ inline P NewParam(C p, C u, const Scalars<C>& s, size_t index, uint32_t leaf_key
     const uint32_t random = Mix(Mix(static_cast<uint32_t>(index) + leaf_key) ^ s.key);
     const C q = Load<C>(StochasticBf16(x, random));
     // The update optax.apply_updates adds (_rounding.landing_update), then the sum.
-    bf16 update = Nearest<P>(q - p);
+    const bf16 update = Nearest<P>(q - p);
     const C landed = Through<P>(p + Load<C>(update));
-    if (landed != q) update = NextBf16(update, landed < q);
-    return Nearest<P>(p + Load<C>(update));
+    const bf16 nudged = NextBf16(update, landed < q);
+    return Nearest<P>(p + Load<C>(landed != q ? nudged : update));
   } else {
     return Nearest<P>(MulAdd<P>(s.neg_lr, u, p));
   }
@@ -690,47 +701,77 @@ struct BlockLeaf {
 
 using BlockFn = void (*)(const BlockLeaf&, size_t, size_t, const void*);
 
+// The step of one block's `count` elements from their decoded moments: new parameters in
+// place; m, v and the running maximum into `m`, `v`, `w`; the largest magnitude of each
+// as float32 bits into `top`. (Pointers as restrict parameters, so that it vectorises.)
+template <typename P, int64_t kDecay, bool kStochastic>
+inline void StepBlock(P* __restrict__ params, const P* __restrict__ grads,
+                      const uint8_t* __restrict__ mu, const uint8_t* __restrict__ nu,
+                      const uint8_t* __restrict__ nu_max, float* __restrict__ m,
+                      float* __restrict__ v, float* __restrict__ w, size_t count,
+                      const float scale[3], const Scalars<float>& s, size_t first,
+                      uint32_t key, uint32_t top[3]) {
+  const float mu_scale = scale[0], nu_scale = scale[1], nu_max_scale = scale[2];
+  uint32_t m_top = 0, v_top = 0, w_top = 0;
+  for (size_t k = 0; k < count; ++k) {
+    const float p = Load<float>(params[k]);
+    const Element<float> e = Compute<P, float, kDecay, /*kDecoded=*/true>(
+        p, Load<float>(grads[k]), Decode<true>(mu[k], mu_scale), Decode<false>(nu[k], nu_scale),
+        Decode<false>(nu_max[k], nu_max_scale), s);
+    params[k] = NewParam<P, float, kStochastic>(p, e.u, s, first + k, key);
+    m[k] = e.m, v[k] = e.v, w[k] = e.v_max;
+    m_top = std::max(m_top, MagnitudeBits(e.m));
+    v_top = std::max(v_top, MagnitudeBits(e.v));
+    w_top = std::max(w_top, MagnitudeBits(e.v_max));
+  }
+  top[0] = m_top, top[1] = v_top, top[2] = w_top;
+}
+
+// One block's codes from its m, v and running maximum, with the exponents' inverse scales.
+inline void EncodeBlock(const float* __restrict__ m, const float* __restrict__ v,
+                        const float* __restrict__ w, uint8_t* __restrict__ mu,
+                        uint8_t* __restrict__ nu, uint8_t* __restrict__ nu_max, size_t count,
+                        float m_inverse, float v_inverse, float w_inverse) {
+  for (size_t k = 0; k < count; ++k) {
+    mu[k] = Encode<true, false>(m[k], m_inverse);
+    nu[k] = Encode<false, false>(v[k], v_inverse);
+    nu_max[k] = Encode<false, true>(w[k], w_inverse);
+  }
+}
+
 // Blocks [begin, end) of one leaf: decode, step, and encode each block with its new
-// exponents (the largest |m|, v and running maximum of the block, as _blockwise.py).
+// exponents (the largest |m|, v and running maximum of the block, as _blockwise.py): two
+// vectorised passes over a block, the step (m, v and the maximum kept in a buffer of the
+// block's length), then the encoding.
 template <typename P, int64_t kDecay, bool kStochastic>
 void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* scalars_raw) {
-  P* __restrict__ params = static_cast<P*>(leaf.params);
-  const P* __restrict__ grads = static_cast<const P*>(leaf.grads);
   const Scalars<float> s(scalars_raw);
-  thread_local std::vector<float> m_values, v_values, v_max_values;
-  m_values.resize(leaf.block);
-  v_values.resize(leaf.block);
-  v_max_values.resize(leaf.block);
+  std::vector<float> buffer(3 * leaf.block);
+  float* m = buffer.data();
+  float* v = m + leaf.block;
+  float* w = v + leaf.block;
   for (size_t index = begin; index < end; ++index) {
     const size_t row = index / leaf.blocks_per_row, in_row = index % leaf.blocks_per_row;
     const size_t first = row * leaf.row + in_row * leaf.block;
     const size_t count = std::min(leaf.block, leaf.row - in_row * leaf.block);
-    const int mu_exponent = leaf.exponents[0][index], nu_exponent = leaf.exponents[1][index];
-    const int v_max_exponent = leaf.exponents[2][index];
-    float m_max = 0.0f, v_max = 0.0f, v_max_max = 0.0f;
-    for (size_t k = 0; k < count; ++k) {
-      const size_t i = first + k;
-      const float p = Load<float>(params[i]);
-      const Element<float> e = Compute<P, float, kDecay, /*kDecoded=*/true>(
-          p, Load<float>(grads[i]), Decode<true>(leaf.codes[0][i], mu_exponent),
-          Decode<false>(leaf.codes[1][i], nu_exponent),
-          Decode<false>(leaf.codes[2][i], v_max_exponent), s);
-      params[i] = NewParam<P, float, kStochastic>(p, e.u, s, i, leaf.key);
-      m_values[k] = e.m, v_values[k] = e.v, v_max_values[k] = e.v_max;
-      m_max = MaxAbs(m_max, e.m), v_max = MaxAbs(v_max, e.v), v_max_max = MaxAbs(v_max_max, e.v_max);
-    }
-    const int m_exponent = BlockExponent<true>(m_max, false);
-    const int v_exponent = BlockExponent<false>(v_max, false);
-    const int v_max_new_exponent = BlockExponent<false>(v_max_max, true);
-    for (size_t k = 0; k < count; ++k) {
-      const size_t i = first + k;
-      leaf.codes[0][i] = Encode<true, false>(m_values[k], m_exponent);
-      leaf.codes[1][i] = Encode<false, false>(v_values[k], v_exponent);
-      leaf.codes[2][i] = Encode<false, true>(v_max_values[k], v_max_new_exponent);
-    }
+    uint8_t* mu = leaf.codes[0] + first;
+    uint8_t* nu = leaf.codes[1] + first;
+    uint8_t* nu_max = leaf.codes[2] + first;
+    const float scale[3] = {PowerOfTwoBits(leaf.exponents[0][index]),
+                            PowerOfTwoBits(leaf.exponents[1][index]),
+                            PowerOfTwoBits(leaf.exponents[2][index])};
+    uint32_t top[3];
+    StepBlock<P, kDecay, kStochastic>(static_cast<P*>(leaf.params) + first,
+                                      static_cast<const P*>(leaf.grads) + first, mu, nu, nu_max,
+                                      m, v, w, count, scale, s, first, leaf.key, top);
+    const int m_exponent = BlockExponent<true>(top[0], false);
+    const int v_exponent = BlockExponent<false>(top[1], false);
+    const int w_exponent = BlockExponent<false>(top[2], true);
+    EncodeBlock(m, v, w, mu, nu, nu_max, count, PowerOfTwoBits(-m_exponent),
+                PowerOfTwoBits(-v_exponent), PowerOfTwoBits(-w_exponent));
     leaf.exponents[0][index] = static_cast<int8_t>(m_exponent);
     leaf.exponents[1][index] = static_cast<int8_t>(v_exponent);
-    leaf.exponents[2][index] = static_cast<int8_t>(v_max_new_exponent);
+    leaf.exponents[2][index] = static_cast<int8_t>(w_exponent);
   }
 }
 
