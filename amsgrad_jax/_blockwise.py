@@ -252,8 +252,25 @@ def _exponent(x: jax.Array) -> jax.Array:
 def block_exponents(amax: jax.Array, code: Code, upward: bool) -> jax.Array:
   """Each block's exponent from its largest magnitude ``amax`` (float32): the one that
   puts ``amax``, rounded to the code's precision, in the code's top binade ``[1, 2)``."""
-  rounded = _float(_round_mantissa(_bits(amax), code.mantissa_bits, upward))
-  return jnp.clip(_exponent(rounded), code.lowest_scale, HIGHEST_SCALE)
+  return jnp.clip(_biased_exponent(amax, code, upward) - 127, code.lowest_scale, HIGHEST_SCALE)
+
+
+def _biased_exponent(x: jax.Array, code: Code, upward: bool) -> jax.Array:
+  """The biased float32 exponent of ``|x|`` rounded to the code's precision, ``int32``
+  (255 for a NaN or an infinity)."""
+  rounded = _round_mantissa(_bits(x) & np.uint32(0x7FFFFFFF), code.mantissa_bits, upward)
+  return ((rounded >> 23) & np.uint32(0xFF)).astype(jnp.int32)
+
+
+def blocks_exponents(blocked: jax.Array, code: Code, upward: bool) -> jax.Array:
+  """:func:`block_exponents` of each block of ``blocked`` (``(..., blocks, block)``).
+
+  Rounding and taking the exponent are monotone, so the exponent of the rounded maximum
+  is the maximum of the elements' exponents: XLA reduces one byte per element (which it
+  first writes out) instead of four."""
+  per_element = _biased_exponent(blocked, code, upward).astype(jnp.uint8)
+  top = jnp.max(per_element, axis=-1).astype(jnp.int32)
+  return jnp.clip(top - 127, code.lowest_scale, HIGHEST_SCALE)
 
 
 def encode(x: jax.Array, exponent: jax.Array, code: Code, upward: bool) -> jax.Array:
@@ -321,7 +338,7 @@ def quantize(x: jax.Array, block_size: int, signed: bool, upward: bool = False) 
   code = MOMENT_CODE if signed else SQUARE_CODE
   shape = tuple(x.shape)
   blocked = _blocked(x, block_length(shape, block_size))
-  exponent = block_exponents(jnp.max(jnp.abs(blocked), axis=-1), code, upward)
+  exponent = blocks_exponents(blocked, code, upward)
   codes = encode(blocked, exponent[..., None], code, upward)
   return Blockwise8Array(_unblocked(codes, shape), exponent.astype(jnp.int8), block_size, signed)
 
