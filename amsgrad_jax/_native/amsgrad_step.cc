@@ -249,6 +249,7 @@ struct Scalars {
   C b1, b2, one_minus_b1, one_minus_b2, eps, eps_root, a, b, d, neg_lr, weight_decay;
   C grad_divisor, grad_multiplier;
   uint32_t key;
+  bool clipping;  // whether the clip's scalars are not both 1
 
   explicit Scalars(const void* raw) {
     const C* s = static_cast<const C*>(raw);
@@ -260,6 +261,7 @@ struct Scalars {
     grad_divisor = s[kScalarGradDivisor], grad_multiplier = s[kScalarGradMultiplier];
     key = (static_cast<uint32_t>(s[kScalarRoundKeyHigh]) << 16) |
           static_cast<uint32_t>(s[kScalarRoundKeyLow]);
+    clipping = !(grad_divisor == C(1) && grad_multiplier == C(1));
   }
 };
 
@@ -272,10 +274,11 @@ struct Element {
 // kDecoded: the moments were decoded from blockwise8 codes (each a product, code value
 // times its block's scale). XLA:CPU then contracts the *right* product of each moment's
 // sum into the fused multiply-add, m = fma(1-b1, g, b1 m), as it does on the Optax path.
-template <typename P, typename C, int64_t kDecay, bool kDecoded = false>
+// kClip: a global-norm clip may apply (without one, g / 1 * 1 is g: no division).
+template <typename P, typename C, int64_t kDecay, bool kDecoded = false, bool kClip = true>
 inline Element<C> Compute(C p, C raw_grad, C mu, C nu, C nu_max, const Scalars<C>& s) {
   // A global-norm clip, as optax.clip_by_global_norm forms it: (g / norm) * max_norm in P.
-  C g = Through<P>(Through<P>(raw_grad / s.grad_divisor) * s.grad_multiplier);
+  C g = kClip ? Through<P>(Through<P>(raw_grad / s.grad_divisor) * s.grad_multiplier) : raw_grad;
   if constexpr (kDecay == kDecayCoupled) {
     // XLA keeps this sum in the compute dtype (its convert pair to P and back is removed
     // as excess precision), so only the product is rounded to P.
@@ -704,7 +707,7 @@ using BlockFn = void (*)(const BlockLeaf&, size_t, size_t, const void*);
 // The step of one block's `count` elements from their decoded moments: new parameters in
 // place; m, v and the running maximum into `m`, `v`, `w`; the largest magnitude of each
 // as float32 bits into `top`. (Pointers as restrict parameters, so that it vectorises.)
-template <typename P, int64_t kDecay, bool kStochastic>
+template <typename P, int64_t kDecay, bool kStochastic, bool kClip>
 inline void StepBlock(P* __restrict__ params, const P* __restrict__ grads,
                       const uint8_t* __restrict__ mu, const uint8_t* __restrict__ nu,
                       const uint8_t* __restrict__ nu_max, float* __restrict__ m,
@@ -715,7 +718,7 @@ inline void StepBlock(P* __restrict__ params, const P* __restrict__ grads,
   uint32_t m_top = 0, v_top = 0, w_top = 0;
   for (size_t k = 0; k < count; ++k) {
     const float p = Load<float>(params[k]);
-    const Element<float> e = Compute<P, float, kDecay, /*kDecoded=*/true>(
+    const Element<float> e = Compute<P, float, kDecay, /*kDecoded=*/true, kClip>(
         p, Load<float>(grads[k]), Decode<true>(mu[k], mu_scale), Decode<false>(nu[k], nu_scale),
         Decode<false>(nu_max[k], nu_max_scale), s);
     params[k] = NewParam<P, float, kStochastic>(p, e.u, s, first + k, key);
@@ -761,9 +764,15 @@ void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* sca
                             PowerOfTwoBits(leaf.exponents[1][index]),
                             PowerOfTwoBits(leaf.exponents[2][index])};
     uint32_t top[3];
-    StepBlock<P, kDecay, kStochastic>(static_cast<P*>(leaf.params) + first,
-                                      static_cast<const P*>(leaf.grads) + first, mu, nu, nu_max,
-                                      m, v, w, count, scale, s, first, leaf.key, top);
+    P* params = static_cast<P*>(leaf.params) + first;
+    const P* grads = static_cast<const P*>(leaf.grads) + first;
+    if (s.clipping) {
+      StepBlock<P, kDecay, kStochastic, true>(params, grads, mu, nu, nu_max, m, v, w, count,
+                                              scale, s, first, leaf.key, top);
+    } else {
+      StepBlock<P, kDecay, kStochastic, false>(params, grads, mu, nu, nu_max, m, v, w, count,
+                                               scale, s, first, leaf.key, top);
+    }
     const int m_exponent = BlockExponent<true>(top[0], false);
     const int v_exponent = BlockExponent<false>(top[1], false);
     const int w_exponent = BlockExponent<false>(top[2], true);
