@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint format docs bench gpu-check clean
+.PHONY: demo test lint format docs bench study gpu-check clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "amsgrad_jax needs Python >= 3.11")'
@@ -50,6 +50,12 @@ docs-shots: docs
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# The memory and precision study (about 10 minutes on 2 cores): its table and plot go to
+# docs/_static, where the guide shows them; the creep of the stored maximum is printed.
+study: $(STAMP)
+	$(PY) -m studies.precision --out docs/_static
+	$(PY) -m studies.creep
 
 # The GPU check (at most 8 minutes), on a machine with an NVIDIA GPU and no network: the
 # Python there with what it has installed, not .venv, and nothing installed or built.

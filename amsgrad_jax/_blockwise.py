@@ -13,7 +13,7 @@ gradual underflow: ``sign + 4`` exponent bits for the first moment (``mu`` can b
 negative), ``5`` exponent bits for the second moment and its running maximum (never
 negative). The largest code is :math:`1.875`; the smallest nonzero one is
 :math:`2^{-17}` for ``mu`` and :math:`2^{-33}` for ``nu``. A block's exponent puts its
-largest element in the code's top binade, :math:`[1, 2)`.
+largest element, rounded up, in the code's top binade, :math:`[1, 2)`.
 
 Why a floating code and power-of-two scales: the values representable with exponent
 :math:`e' > e` are, below the largest value of exponent :math:`e`, a subset of those
@@ -28,9 +28,14 @@ algorithm's guarantee, and no division by zero) and at most one code step above 
 however often the scales change. With a linear code and arbitrary scales, every change
 of scale would round every element up again, and the maximum would creep upward.
 
-``mu`` and ``nu`` are rounded to nearest (ties to even). Every operation of the encoding
-is exact integer or power-of-two arithmetic, so the native kernel reproduces it bit for
-bit.
+``mu`` and ``nu`` are rounded *stochastically*, to the code above or below with
+probabilities that make the stored value right in expectation. Rounded to nearest, their
+moving averages would stall: with 3 mantissa bits, ``0.9 * 0.75 + 0.1 * 1`` rounds back
+to ``0.75``, and with ``b2 = 0.999`` every step of ``nu`` is below half a code step. The
+random bits are a hash of ``rounding_seed``, the step count, the leaf and the element
+(:mod:`amsgrad_jax._rounding`): no random state, and a resumed run repeats them. Every
+operation of the encoding is exact integer or power-of-two arithmetic, so the native
+kernel reproduces it bit for bit.
 
 Memory: one byte per element plus one per block, so :math:`3 (1 + 1/b)` bytes per
 parameter for the three buffers, with :math:`b` the block size (the last axis's length
@@ -198,7 +203,7 @@ def _exponents_sharding(param: Any, block_size: int) -> Any:
   """The sharding of a parameter's block exponents, or ``None`` to let JAX place them."""
   sharding = getattr(param, "sharding", None)
   if isinstance(param, jax.core.Tracer) or not isinstance(sharding, jax.sharding.NamedSharding):
-    return sharding if isinstance(sharding, jax.sharding.SingleDeviceSharding) else None
+    return None  # placed as JAX places new arrays, like the codes (not committed)
   shape = tuple(np.shape(param))
   if not shape:
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
@@ -273,11 +278,22 @@ def blocks_exponents(blocked: jax.Array, code: Code, upward: bool) -> jax.Array:
   return jnp.clip(top - 127, code.lowest_scale, HIGHEST_SCALE)
 
 
-def encode(x: jax.Array, exponent: jax.Array, code: Code, upward: bool) -> jax.Array:
-  """The ``uint8`` codes of float32 ``x`` with block exponents ``exponent`` (broadcast),
-  rounded to nearest (ties to even) or, with ``upward``, toward +infinity."""
+def encode(
+  x: jax.Array, exponent: jax.Array, code: Code, upward: bool, bits: jax.Array | None = None
+) -> jax.Array:
+  """The ``uint8`` codes of float32 ``x`` with block exponents ``exponent`` (broadcast):
+  rounded to nearest (ties to even), toward +infinity (``upward``) or, given random
+  ``bits`` (``uint32``, 16 of them used), stochastically.
+
+  Stochastically, ``|x|`` between the codes ``l < |x| < h`` takes ``h`` when
+  ``u (h - l) < |x| - l`` with ``u = bits / 2**16``: both sides are exact (``h - l`` is a
+  power of two, ``|x| - l`` exact by Sterbenz's lemma), so the probability is exactly
+  ``(|x| - l) / (h - l)`` to 16 bits, with no division.
+  """
   m = code.mantissa_bits
   scaled = jnp.abs(x) * _power_of_two(-exponent)  # exact: a power of two
+  if bits is not None:
+    return _encode_stochastic(x, scaled, code, bits)
   rounded = _round_mantissa(_bits(scaled), m, upward)
   normal = (rounded >> (23 - m)).astype(jnp.int32) - ((127 + code.emin - 1) << m)
   tiny = scaled * np.float32(2.0 ** (m - code.emin))  # in units of the smallest code
@@ -285,22 +301,46 @@ def encode(x: jax.Array, exponent: jax.Array, code: Code, upward: bool) -> jax.A
   magnitude = jnp.where(scaled < np.float32(2.0**code.emin), subnormal, normal)
   if upward:  # a positive value below float32's reach after scaling still rounds up
     magnitude = jnp.maximum(magnitude, (x > 0).astype(jnp.int32))
-  magnitude = jnp.clip(magnitude, 0, code.largest)
+  return _signed(x, jnp.clip(magnitude, 0, code.largest), code)
+
+
+def _encode_stochastic(x: jax.Array, scaled: jax.Array, code: Code, bits: jax.Array) -> jax.Array:
+  m = code.mantissa_bits
+  low_bits = np.uint32((1 << (23 - m)) - 1)
+  normal = ((_bits(scaled) & ~low_bits) >> (23 - m)).astype(jnp.int32) - (
+    (127 + code.emin - 1) << m
+  )
+  tiny = jnp.minimum(scaled * np.float32(2.0 ** (m - code.emin)), np.float32(256.0))
+  subnormal = jnp.floor(tiny).astype(jnp.int32)
+  below = jnp.where(scaled < np.float32(2.0**code.emin), subnormal, normal)
+  below = jnp.clip(below, 0, code.largest)
+  low = _magnitude_value(below, code)
+  spacing = _magnitude_value(jnp.minimum(below + 1, code.largest), code) - low
+  uniform = (bits & np.uint32(0xFFFF)).astype(jnp.float32) * np.float32(2.0**-16)
+  magnitude = below + (uniform * spacing < scaled - low).astype(jnp.int32)
+  return _signed(x, jnp.minimum(magnitude, code.largest), code)
+
+
+def _signed(x: jax.Array, magnitude: jax.Array, code: Code) -> jax.Array:
   if code.signed:
     magnitude = magnitude | jnp.where((x < 0) & (magnitude > 0), 0x80, 0)
   return magnitude.astype(jnp.uint8)
 
 
-def decode(codes: jax.Array, exponent: jax.Array, code: Code) -> jax.Array:
-  """The float32 values of ``codes`` with block exponents ``exponent`` (broadcast)."""
+def _magnitude_value(magnitude: jax.Array, code: Code) -> jax.Array:
+  """The value of a magnitude field (no sign, no block scale), float32."""
   m = code.mantissa_bits
-  field_ = codes.astype(jnp.int32)
-  magnitude = field_ & code.largest
   biased = magnitude >> m
   mantissa = magnitude & ((1 << m) - 1)
   normal = _float(((biased - 1 + code.emin + 127) << 23) | (mantissa << (23 - m)))
   subnormal = mantissa.astype(jnp.float32) * np.float32(2.0 ** (code.emin - m))
-  value = jnp.where(biased == 0, subnormal, normal) * _power_of_two(exponent)
+  return jnp.where(biased == 0, subnormal, normal)
+
+
+def decode(codes: jax.Array, exponent: jax.Array, code: Code) -> jax.Array:
+  """The float32 values of ``codes`` with block exponents ``exponent`` (broadcast)."""
+  field_ = codes.astype(jnp.int32)
+  value = _magnitude_value(field_ & code.largest, code) * _power_of_two(exponent)
   if code.signed:
     value = jnp.where(field_ >= 0x80, -value, value)
   return value
@@ -333,13 +373,25 @@ def dequantize(q: Blockwise8Array) -> jax.Array:
   return _unblocked(values, q.shape)
 
 
-def quantize(x: jax.Array, block_size: int, signed: bool, upward: bool = False) -> Blockwise8Array:
-  """Store float32 ``x``: to nearest, or toward +infinity (``upward``, for the maximum)."""
+def quantize(
+  x: jax.Array,
+  block_size: int,
+  signed: bool,
+  upward: bool = False,
+  bits: jax.Array | None = None,
+) -> Blockwise8Array:
+  """Store float32 ``x``: to nearest, toward +infinity (``upward``, for the running
+  maximum), or stochastically with the random ``bits`` (``uint32``, shaped like ``x``).
+
+  A block's exponent fits its largest element rounded up when the rounding can go up
+  (upward or stochastically), else rounded to nearest."""
   code = MOMENT_CODE if signed else SQUARE_CODE
   shape = tuple(x.shape)
-  blocked = _blocked(x, block_length(shape, block_size))
-  exponent = blocks_exponents(blocked, code, upward)
-  codes = encode(blocked, exponent[..., None], code, upward)
+  block = block_length(shape, block_size)
+  blocked = _blocked(x, block)
+  exponent = blocks_exponents(blocked, code, upward or bits is not None)
+  blocked_bits = None if bits is None else _blocked(bits, block)
+  codes = encode(blocked, exponent[..., None], code, upward, blocked_bits)
   return Blockwise8Array(_unblocked(codes, shape), exponent.astype(jnp.int8), block_size, signed)
 
 

@@ -82,7 +82,16 @@ class TransformOptions:
     "models: a flat buffer cannot follow each parameter's sharding.",
   )
 
+  rounding_seed: int = option(
+    0,
+    doc="the seed of every stochastic rounding: the moments stored with "
+    ':func:`~amsgrad_jax.blockwise8` and, with ``param_rounding="stochastic"``, the '
+    "parameters; an integer in ``[0, 2**32)``. With the step count it fixes every random "
+    "bit, so a resumed run repeats them.",
+  )
+
   def __post_init__(self) -> None:
+    _validation.check_seed(self.rounding_seed)
     _validation.check_hyperparameters(
       b1=self.b1, b2=self.b2, eps=self.eps, eps_root=self.eps_root, convention=self.convention
     )
@@ -117,16 +126,11 @@ class AliasOptions(TransformOptions, _LearningRate):
     "to the distance, so that small steps are not lost; the update then needs ``params``). "
     "Wider parameters are unaffected.",
   )
-  rounding_seed: int = option(
-    0,
-    doc='the seed of ``param_rounding="stochastic"``, an integer in ``[0, 2**32)``: with '
-    "the step count, it fixes every random bit, so a resumed run repeats them.",
-  )
 
   def __post_init__(self) -> None:
     _validation.check_learning_rate(self.learning_rate)
     _validation.check_weight_decay(self.weight_decay)
-    _validation.check_rounding(self.param_rounding, self.rounding_seed)
+    _validation.check_rounding(self.param_rounding)
     super().__post_init__()
 
   @property

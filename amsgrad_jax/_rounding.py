@@ -33,6 +33,9 @@ NARROW_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 _GOLDEN = np.uint32(0x9E3779B9)
 LEAF_MULTIPLIER = np.uint32(0x85EBCA6B)
+# Added to a leaf's key for the random bits of its 8-bit moments (mu takes the low 16 bits,
+# nu the high 16), so that they are independent of the parameter's.
+STATE_SALT = 0x68E31DA4
 
 
 def mix(x: jax.Array) -> jax.Array:
@@ -52,9 +55,10 @@ def step_key(seed: Any, count: jax.Array) -> jax.Array:
   return mix(mix(start) ^ count.astype(jnp.uint32))
 
 
-def leaf_bits(key: jax.Array, leaf: int, shape: tuple[int, ...]) -> jax.Array:
-  """32 random bits per element of leaf number ``leaf`` (in tree order), from ``key``."""
-  leaf_key = mix(key + np.uint32((leaf * int(LEAF_MULTIPLIER)) & 0xFFFFFFFF))
+def leaf_bits(key: jax.Array, leaf: int, shape: tuple[int, ...], salt: int = 0) -> jax.Array:
+  """32 random bits per element of leaf number ``leaf`` (in tree order), from ``key``;
+  ``salt`` 0 for the parameters, :data:`STATE_SALT` for the moments' stochastic rounding."""
+  leaf_key = mix(key + np.uint32((leaf * int(LEAF_MULTIPLIER) + salt) & 0xFFFFFFFF))
   index = jax.lax.broadcasted_iota(jnp.uint32, (int(np.prod(shape)),), 0).reshape(shape)
   return mix(mix(index + leaf_key) ^ key)
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from amsgrad_jax import _blockwise, _numerics, _validation
+from amsgrad_jax import _blockwise, _numerics, _rounding, _validation
 from amsgrad_jax._blockwise import Blockwise8
 from amsgrad_jax._flat import FlatLayout, FlatMoment, flat_zeros
 from amsgrad_jax._options import TransformOptions, built_from
@@ -86,6 +86,7 @@ def leaf_update(
   nu_max: jax.Array,
   rule: Rule,
   scalars_for: Any,
+  state_bits: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Update one leaf; results come back in the gradient's and the state's dtypes.
 
@@ -94,7 +95,7 @@ def leaf_update(
   else with one shared ``|g|^2`` moment kept in the real part of ``nu``.
   """
   if any(_blockwise.is_blockwise(x) for x in (mu, nu, nu_max)):
-    return _blockwise_leaf_update(g, mu, nu, nu_max, scalars_for)
+    return _blockwise_leaf_update(g, mu, nu, nu_max, scalars_for, state_bits(g.shape))
   dtype = _numerics.real_dtype(_numerics.compute_dtype(g.dtype, mu.dtype, nu.dtype, nu_max.dtype))
   s = scalars_for(dtype)
   if not jnp.iscomplexobj(g):
@@ -129,30 +130,32 @@ def leaf_update(
 
 
 def _blockwise_leaf_update(
-  g: jax.Array, mu: Any, nu: Any, nu_max: Any, scalars_for: Any
+  g: jax.Array, mu: Any, nu: Any, nu_max: Any, scalars_for: Any, bits: jax.Array
 ) -> tuple[jax.Array, Any, Any, Any]:
   """:func:`leaf_update` where a moment is stored in :func:`~amsgrad_jax.blockwise8`:
-  float32 arithmetic on the decoded values, ``mu`` and ``nu`` stored to nearest, the
-  running maximum rounded up (see :mod:`amsgrad_jax._blockwise`)."""
+  float32 arithmetic on the decoded values, ``mu`` and ``nu`` rounded stochastically with
+  ``bits`` (their low and high 16 bits), so that their moving averages keep the small
+  steps a 3-bit mantissa would round away, and the running maximum rounded up (see
+  :mod:`amsgrad_jax._blockwise`)."""
   widths = [x.dtype for x in (g, mu, nu, nu_max) if not _blockwise.is_blockwise(x)]
   dtype = _numerics.compute_dtype(*widths)
 
   def load(x: Any) -> jax.Array:
     return _blockwise.dequantize(x).astype(dtype) if _blockwise.is_blockwise(x) else x.astype(dtype)
 
-  def store(value: jax.Array, like: Any, upward: bool) -> Any:
+  def store(value: jax.Array, like: Any, upward: bool, random: jax.Array | None = None) -> Any:
     if not _blockwise.is_blockwise(like):
       return _numerics.cast_rounding_up(value, like.dtype) if upward else value.astype(like.dtype)
     narrow = _numerics.cast_rounding_up(value, jnp.float32) if upward else value.astype(jnp.float32)
-    return _blockwise.quantize(narrow, like.block_size, like.signed, upward)
+    return _blockwise.quantize(narrow, like.block_size, like.signed, upward, random)
 
   (update,), (mu_c,), nu_c, nu_max_c = _moments_and_step(
     [g.astype(dtype)], [load(mu)], load(nu), load(nu_max), scalars_for(dtype)
   )
   return (
     update.astype(g.dtype),
-    store(mu_c, mu, upward=False),
-    store(nu_c, nu, upward=False),
+    store(mu_c, mu, upward=False, random=bits),
+    store(nu_c, nu, upward=False, random=bits >> 16),
     store(nu_max_c, nu_max, upward=True),
   )
 
@@ -274,9 +277,14 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
     grads = [jnp.asarray(g) for g in grads]
     moments = (state.mu, state.nu, state.nu_max)
     buffers = (m.leaves() if flat else _blockwise.moment_leaves(m) for m in moments)
+    key = _rounding.step_key(options.rounding_seed, count)
+
+    def state_bits(index: int) -> Any:
+      return lambda shape: _rounding.leaf_bits(key, index, shape, _rounding.STATE_SALT)
+
     results = [
-      leaf_update(g, mu, nu, nu_max, rule, scalars_for)
-      for g, mu, nu, nu_max in zip(grads, *buffers, strict=True)
+      leaf_update(g, mu, nu, nu_max, rule, scalars_for, state_bits(index))
+      for index, (g, mu, nu, nu_max) in enumerate(zip(grads, *buffers, strict=True))
     ]
     columns = [[result[i] for result in results] for i in range(4)]
     if flat:

@@ -219,10 +219,15 @@ def _short(items: Iterable[str], limit: int = 5) -> str:
   return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def check_rounding(mode: Any, seed: Any) -> None:
-  """Raise ``ValueError`` for an unknown ``param_rounding`` or a seed that is not a uint32."""
+def check_rounding(mode: Any) -> None:
+  """Raise ``ValueError`` for an unknown ``param_rounding``."""
   if mode not in ("nearest", "stochastic"):
     raise ValueError(f'param_rounding must be "nearest" or "stochastic", got {mode!r}.')
+
+
+def check_seed(seed: Any) -> None:
+  """Raise ``ValueError`` for a ``rounding_seed`` that is not a uint32 (an array from
+  ``optax.inject_hyperparams`` is accepted)."""
   if hasattr(seed, "dtype") and np.shape(seed) == () and jnp.issubdtype(seed.dtype, jnp.integer):
     if isinstance(seed, jax.core.Tracer):
       return  # injected by optax.inject_hyperparams

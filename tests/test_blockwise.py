@@ -72,6 +72,40 @@ def test_encoding_rounds_to_nearest_and_upward_brackets_the_value():
   assert bool(jnp.all(jnp.where(jnp.isfinite(below) & (codes > 0), previous < x, True)))
 
 
+@pytest.mark.parametrize("code", CODES, ids=["mu", "nu"])
+def test_stochastic_encoding_is_unbiased_between_neighbouring_codes(code):
+  n = 200_000
+  exponent = jnp.int32(0)
+  for value in (0.775, 1.0 + 2.0**-9, 2.0 ** (code.emin - 1) * 1.3):
+    x = jnp.full((n,), value, jnp.float32)
+    bits = jax.random.bits(jax.random.key(0), (n,), jnp.uint32)
+    decoded = np.asarray(bw.decode(bw.encode(x, exponent, code, False, bits), exponent, code))
+    below = float(
+      bw.decode(bw.encode(x[:1], exponent, code, False, bits[:1] * 0), exponent, code)[0]
+    )
+    assert set(np.unique(decoded)) <= {below, float(np.max(decoded))}
+    spacing = float(np.max(decoded)) - below
+    assert abs(decoded.mean() - value) < 0.01 * spacing + 1e-12
+
+
+def test_moving_averages_do_not_stall_in_8_bits():
+  """Rounded to nearest, 3 mantissa bits would hold mu at 0.75 and nu near 0.02 under a
+  constant gradient of 1; rounded stochastically they follow float32's."""
+  fmt = blockwise8()
+  tx = amsgrad_jax.scale_by_amsgrad(mu_dtype=fmt, nu_dtype=fmt)
+  reference = amsgrad_jax.scale_by_amsgrad()
+  params = {"w": jnp.zeros((4, 256))}
+  state, expected = tx.init(params), reference.init(params)
+  update, update_reference = jax.jit(tx.update), jax.jit(reference.update)
+  for _ in range(2000):
+    _, state = update({"w": jnp.ones((4, 256))}, state)
+    _, expected = update_reference({"w": jnp.ones((4, 256))}, expected)
+  for name, tolerance in (("mu", 0.02), ("nu", 0.05)):
+    got = float(jnp.mean(bw.dequantize(getattr(state, name)["w"])))
+    want = float(jnp.mean(getattr(expected, name)["w"]))
+    assert abs(got - want) < tolerance * want, (name, got, want)
+
+
 # ---- the running maximum --------------------------------------------------------------------
 
 

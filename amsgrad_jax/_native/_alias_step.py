@@ -104,11 +104,7 @@ def _scalars(plan: Plan, clip: GradScale | None) -> Callable[..., jax.Array]:
   count = _numerics.safe_increment(state.count)
   step_size = _step_size(plan)
 
-  key = (
-    _rounding.step_key(options.rounding_seed, count)
-    if options.param_rounding == "stochastic"
-    else jnp.zeros((), jnp.uint32)
-  )
+  key = _rounding.step_key(options.rounding_seed, count)
 
   def scalars_for(param_dtype: np.dtype, mu_dtype: Any, nu_dtype: Any) -> jax.Array:
     widths = [d for d in (param_dtype, mu_dtype, nu_dtype) if not isinstance(d, int)]

@@ -116,6 +116,7 @@ def _constants() -> dict[str, int]:
     "square_code_lowest_scale": _blockwise.SQUARE_CODE.lowest_scale,
     "code_highest_scale": _blockwise.HIGHEST_SCALE,
     "round_leaf_multiplier": int(_rounding.LEAF_MULTIPLIER),
+    "round_state_salt": _rounding.STATE_SALT,
   }
 
 

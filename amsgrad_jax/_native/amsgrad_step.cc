@@ -139,8 +139,13 @@ inline uint32_t Mix(uint32_t x) {
   return x ^ (x >> 16);
 }
 
-inline uint32_t LeafKey(uint32_t key, int64_t leaf) {
-  return Mix(key + static_cast<uint32_t>(leaf) * kRoundLeafMultiplier);
+inline uint32_t LeafKey(uint32_t key, int64_t leaf, uint32_t salt = 0) {
+  return Mix(key + static_cast<uint32_t>(leaf) * kRoundLeafMultiplier + salt);
+}
+
+// 32 random bits of element `index` of a leaf (as _rounding.leaf_bits).
+inline uint32_t ElementBits(uint32_t key, uint32_t leaf_key, size_t index) {
+  return Mix(Mix(static_cast<uint32_t>(index) + leaf_key) ^ key);
 }
 
 // The bfloat16 neighbour of `x` toward +infinity (upward) or -infinity.
@@ -225,6 +230,44 @@ inline uint8_t Encode(float x, float inverse_scale) {
   return static_cast<uint8_t>(magnitude);
 }
 
+// The value of a magnitude field (no sign, no block scale).
+template <bool kSigned>
+inline float MagnitudeValue(int32_t magnitude) {
+  using Code = CodeOf<kSigned>;
+  constexpr int m = kCodeMantissaBits;
+  const uint32_t field = static_cast<uint32_t>(magnitude);
+  const uint32_t biased = field >> m, mantissa = field & ((1u << m) - 1);
+  const float normal = BitsToFloat(((biased + static_cast<uint32_t>(Code::kEmin - 1 + 127)) << 23) |
+                                   (mantissa << (23 - m)));
+  const float subnormal = static_cast<float>(static_cast<int32_t>(mantissa)) * Code::kSubnormalUnit;
+  return biased == 0 ? subnormal : normal;
+}
+
+// Stochastic rounding onto the code (as _blockwise._encode_stochastic): the code below
+// |x|, plus one when u (h - l) < |x| - l, with u the low 16 bits of `random` over 2**16.
+template <bool kSigned>
+inline uint8_t EncodeStochastic(float x, float inverse_scale, uint32_t random) {
+  using Code = CodeOf<kSigned>;
+  constexpr int m = kCodeMantissaBits;
+  constexpr uint32_t kLow = (1u << (23 - m)) - 1;
+  const float scaled = std::fabs(x) * inverse_scale;
+  const int32_t normal =
+      static_cast<int32_t>((FloatToBits(scaled) & ~kLow) >> (23 - m)) - ((127 + Code::kEmin - 1) << m);
+  float tiny = scaled * Code::kPerSubnormalUnit;
+  tiny = tiny < 256.0f ? tiny : 256.0f;
+  const int32_t subnormal = static_cast<int32_t>(std::floor(tiny));
+  int32_t below = scaled < Code::kSmallestNormal ? subnormal : normal;
+  below = below < 0 ? 0 : (below > Code::kLargest ? Code::kLargest : below);
+  const float low = MagnitudeValue<kSigned>(below);
+  const int32_t above = below + 1 > Code::kLargest ? Code::kLargest : below + 1;
+  const float spacing = MagnitudeValue<kSigned>(above) - low;
+  const float uniform = static_cast<float>(random & 0xFFFFu) * 0x1p-16f;
+  int32_t magnitude = below + (uniform * spacing < scaled - low ? 1 : 0);
+  magnitude = magnitude > Code::kLargest ? Code::kLargest : magnitude;
+  if (kSigned) magnitude |= (x < 0 && magnitude > 0) ? 0x80 : 0;
+  return static_cast<uint8_t>(magnitude);
+}
+
 template <bool kSigned>
 inline float Decode(uint8_t code, float scale) {
   using Code = CodeOf<kSigned>;
@@ -305,7 +348,7 @@ template <typename P, typename C, bool kStochastic>
 inline P NewParam(C p, C u, const Scalars<C>& s, size_t index, uint32_t leaf_key) {
   if constexpr (kStochastic && std::is_same_v<P, bf16>) {
     const C x = Through<P>(s.neg_lr * u) + p;
-    const uint32_t random = Mix(Mix(static_cast<uint32_t>(index) + leaf_key) ^ s.key);
+    const uint32_t random = ElementBits(s.key, leaf_key, index);
     const C q = Load<C>(StochasticBf16(x, random));
     // The update optax.apply_updates adds (_rounding.landing_update), then the sum.
     const bf16 update = Nearest<P>(q - p);
@@ -699,7 +742,8 @@ struct BlockLeaf {
   uint8_t* codes[3];  // mu, nu, nu_max
   int8_t* exponents[3];
   size_t row, block, blocks_per_row;
-  uint32_t key;
+  uint32_t key;        // the parameters' stochastic rounding
+  uint32_t state_key;  // the moments'
 };
 
 using BlockFn = void (*)(const BlockLeaf&, size_t, size_t, const void*);
@@ -730,14 +774,18 @@ inline void StepBlock(P* __restrict__ params, const P* __restrict__ grads,
   top[0] = m_top, top[1] = v_top, top[2] = w_top;
 }
 
-// One block's codes from its m, v and running maximum, with the exponents' inverse scales.
+// One block's codes from its m, v and running maximum, with the exponents' inverse scales:
+// m and v rounded stochastically (the low and high 16 bits of each element's random bits),
+// the maximum upward.
 inline void EncodeBlock(const float* __restrict__ m, const float* __restrict__ v,
                         const float* __restrict__ w, uint8_t* __restrict__ mu,
                         uint8_t* __restrict__ nu, uint8_t* __restrict__ nu_max, size_t count,
-                        float m_inverse, float v_inverse, float w_inverse) {
+                        float m_inverse, float v_inverse, float w_inverse, uint32_t key,
+                        uint32_t state_key, size_t first) {
   for (size_t k = 0; k < count; ++k) {
-    mu[k] = Encode<true, false>(m[k], m_inverse);
-    nu[k] = Encode<false, false>(v[k], v_inverse);
+    const uint32_t random = ElementBits(key, state_key, first + k);
+    mu[k] = EncodeStochastic<true>(m[k], m_inverse, random);
+    nu[k] = EncodeStochastic<false>(v[k], v_inverse, random >> 16);
     nu_max[k] = Encode<false, true>(w[k], w_inverse);
   }
 }
@@ -773,11 +821,12 @@ void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* sca
       StepBlock<P, kDecay, kStochastic, false>(params, grads, mu, nu, nu_max, m, v, w, count,
                                                scale, s, first, leaf.key, top);
     }
-    const int m_exponent = BlockExponent<true>(top[0], false);
-    const int v_exponent = BlockExponent<false>(top[1], false);
+    const int m_exponent = BlockExponent<true>(top[0], true);  // room for rounding up
+    const int v_exponent = BlockExponent<false>(top[1], true);
     const int w_exponent = BlockExponent<false>(top[2], true);
     EncodeBlock(m, v, w, mu, nu, nu_max, count, PowerOfTwoBits(-m_exponent),
-                PowerOfTwoBits(-v_exponent), PowerOfTwoBits(-w_exponent));
+                PowerOfTwoBits(-v_exponent), PowerOfTwoBits(-w_exponent), s.key, leaf.state_key,
+                first);
     leaf.exponents[0][index] = static_cast<int8_t>(m_exponent);
     leaf.exponents[1][index] = static_cast<int8_t>(v_exponent);
     leaf.exponents[2][index] = static_cast<int8_t>(w_exponent);
@@ -885,7 +934,8 @@ ffi::Error AmsgradStepBlockwise(ffi::ThreadPool pool, int64_t decay, int64_t rou
                    {static_cast<int8_t*>(data[kBlockwiseResultMuExponents]),
                     static_cast<int8_t*>(data[kBlockwiseResultNuExponents]),
                     static_cast<int8_t*>(data[kBlockwiseResultNuMaxExponents])},
-                   row, block, blocks_per_row, LeafKey(work->key, leaf_ids[i])};
+                   row, block, blocks_per_row, LeafKey(work->key, leaf_ids[i]),
+                   LeafKey(work->key, leaf_ids[i], kRoundStateSalt)};
     work->leaves.push_back(leaf);
     sizes.push_back(blocks);
     largest_block = std::max(largest_block, block);

@@ -1,0 +1,1 @@
+"""Reproducible studies of amsgrad_jax, each run as ``python -m studies.NAME``."""
