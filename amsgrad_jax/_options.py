@@ -82,6 +82,14 @@ class TransformOptions:
     "models: a flat buffer cannot follow each parameter's sharding.",
   )
 
+  state_rounding: str | None = option(
+    None,
+    doc='how ``mu`` and ``nu`` are stored when narrower than the arithmetic: ``"stochastic"`` '
+    "(up or down at random, right in expectation, so that their moving averages do not "
+    'stall on steps under half the storage\'s spacing) or ``"nearest"`` (as Optax casts). '
+    'The default, ``None``, is ``"stochastic"`` for :func:`~amsgrad_jax.blockwise8` and '
+    '``"nearest"`` for bfloat16 and float16. ``nu_max`` is always rounded up.',
+  )
   rounding_seed: int = option(
     0,
     doc="the seed of every stochastic rounding: the moments stored with "
@@ -91,6 +99,8 @@ class TransformOptions:
   )
 
   def __post_init__(self) -> None:
+    if self.state_rounding is not None:
+      _validation.check_rounding(self.state_rounding, "state_rounding")
     _validation.check_seed(self.rounding_seed)
     _validation.check_hyperparameters(
       b1=self.b1, b2=self.b2, eps=self.eps, eps_root=self.eps_root, convention=self.convention
@@ -130,7 +140,7 @@ class AliasOptions(TransformOptions, _LearningRate):
   def __post_init__(self) -> None:
     _validation.check_learning_rate(self.learning_rate)
     _validation.check_weight_decay(self.weight_decay)
-    _validation.check_rounding(self.param_rounding)
+    _validation.check_rounding(self.param_rounding, "param_rounding")
     super().__post_init__()
 
   @property

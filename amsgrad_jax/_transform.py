@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from amsgrad_jax import _blockwise, _numerics, _rounding, _validation
@@ -95,7 +96,7 @@ def leaf_update(
   else with one shared ``|g|^2`` moment kept in the real part of ``nu``.
   """
   if any(_blockwise.is_blockwise(x) for x in (mu, nu, nu_max)):
-    return _blockwise_leaf_update(g, mu, nu, nu_max, scalars_for, state_bits(g.shape))
+    return _blockwise_leaf_update(g, mu, nu, nu_max, scalars_for, state_bits)
   dtype = _numerics.real_dtype(_numerics.compute_dtype(g.dtype, mu.dtype, nu.dtype, nu_max.dtype))
   s = scalars_for(dtype)
   if not jnp.iscomplexobj(g):
@@ -123,20 +124,32 @@ def leaf_update(
     update, mu_c = jax.lax.complex(*updates), jax.lax.complex(*mus)
   return (
     update.astype(g.dtype),
-    mu_c.astype(mu.dtype),
-    nu_c.astype(nu.dtype),
+    _store(mu_c, mu.dtype, state_bits, g.shape, moment=0),
+    _store(nu_c, nu.dtype, state_bits, g.shape, moment=1),
     _numerics.cast_rounding_up(nu_max_c, nu_max.dtype),
   )
 
 
+def _store(value: jax.Array, dtype: Any, state_bits: Any, shape: Any, moment: int) -> jax.Array:
+  """``value`` (float32) stored as a narrow float ``dtype``: stochastically when
+  ``state_bits`` (``shape -> uint32 bits``) is given, ``mu`` with the bits, ``nu`` with
+  them hashed once more; else (and for every other dtype) to nearest."""
+  narrow = np.dtype(dtype) in _rounding.NARROW_DTYPES and value.dtype == jnp.float32
+  if state_bits is None or not narrow:
+    return value.astype(dtype)
+  bits = state_bits(shape)
+  return _rounding.stochastic_round(value, dtype, bits if moment == 0 else _rounding.mix(bits))
+
+
 def _blockwise_leaf_update(
-  g: jax.Array, mu: Any, nu: Any, nu_max: Any, scalars_for: Any, bits: jax.Array
+  g: jax.Array, mu: Any, nu: Any, nu_max: Any, scalars_for: Any, state_bits: Any
 ) -> tuple[jax.Array, Any, Any, Any]:
   """:func:`leaf_update` where a moment is stored in :func:`~amsgrad_jax.blockwise8`:
   float32 arithmetic on the decoded values, ``mu`` and ``nu`` rounded stochastically with
-  ``bits`` (their low and high 16 bits), so that their moving averages keep the small
-  steps a 3-bit mantissa would round away, and the running maximum rounded up (see
-  :mod:`amsgrad_jax._blockwise`)."""
+  random bits (their low and high 16 bits; to nearest when ``state_bits`` is ``None``),
+  so that their moving averages keep the small steps a 3-bit mantissa would round away,
+  and the running maximum rounded up (see :mod:`amsgrad_jax._blockwise`)."""
+  bits = None if state_bits is None else state_bits(g.shape)
   widths = [x.dtype for x in (g, mu, nu, nu_max) if not _blockwise.is_blockwise(x)]
   dtype = _numerics.compute_dtype(*widths)
 
@@ -155,7 +168,7 @@ def _blockwise_leaf_update(
   return (
     update.astype(g.dtype),
     store(mu_c, mu, upward=False, random=bits),
-    store(nu_c, nu, upward=False, random=bits >> 16),
+    store(nu_c, nu, upward=False, random=None if bits is None else bits >> 16),
     store(nu_max_c, nu_max, upward=True),
   )
 
@@ -279,11 +292,16 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
     buffers = (m.leaves() if flat else _blockwise.moment_leaves(m) for m in moments)
     key = _rounding.step_key(options.rounding_seed, count)
 
-    def state_bits(index: int) -> Any:
+    def state_bits(index: int, blockwise: bool) -> Any:
+      stochastic = options.state_rounding or ("stochastic" if blockwise else "nearest")
+      if stochastic != "stochastic":
+        return None
       return lambda shape: _rounding.leaf_bits(key, index, shape, _rounding.STATE_SALT)
 
     results = [
-      leaf_update(g, mu, nu, nu_max, rule, scalars_for, state_bits(index))
+      leaf_update(
+        g, mu, nu, nu_max, rule, scalars_for, state_bits(index, _blockwise.is_blockwise(mu))
+      )
       for index, (g, mu, nu, nu_max) in enumerate(zip(grads, *buffers, strict=True))
     ]
     columns = [[result[i] for result in results] for i in range(4)]

@@ -219,10 +219,11 @@ def _short(items: Iterable[str], limit: int = 5) -> str:
   return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def check_rounding(mode: Any) -> None:
-  """Raise ``ValueError`` for an unknown ``param_rounding``."""
+def check_rounding(mode: Any, name: str) -> None:
+  """Raise ``ValueError`` for an unknown rounding mode (``param_rounding``,
+  ``state_rounding``)."""
   if mode not in ("nearest", "stochastic"):
-    raise ValueError(f'param_rounding must be "nearest" or "stochastic", got {mode!r}.')
+    raise ValueError(f'{name} must be "nearest" or "stochastic", got {mode!r}.')
 
 
 def check_seed(seed: Any) -> None:

@@ -37,6 +37,7 @@ def _options(kind: str) -> dict:
     "stochastic": {"param_rounding": "stochastic", "rounding_seed": 11},
     "stochastic_f32_state": {"param_rounding": "stochastic", "mu_dtype": jnp.float32},
     "both": {"param_rounding": "stochastic", "mu_dtype": fmt, "nu_dtype": fmt},
+    "blockwise8_nearest": {"mu_dtype": fmt, "nu_dtype": fmt, "state_rounding": "nearest"},
   }[kind]
 
 
@@ -66,7 +67,7 @@ def _bits(tree):
 CASES = [
   (alias, kind, dtype, convention)
   for alias in ("amsgrad", "amsgradw")
-  for kind in ("blockwise8", "stochastic", "stochastic_f32_state", "both")
+  for kind in ("blockwise8", "blockwise8_nearest", "stochastic", "stochastic_f32_state", "both")
   for dtype in ("float32", "bfloat16")
   for convention in (
     ("pytorch", "keras", "optax", "paper") if kind == "blockwise8" else ("pytorch",)
@@ -144,6 +145,16 @@ def test_what_the_kernel_does_not_take_falls_back_with_a_reason(make, reason):
     )
   updates, _ = tx.update(params, state, params)
   np.testing.assert_array_equal(new_params["w"], optax.apply_updates(params, updates)["w"])
+
+
+def test_stochastically_stored_bfloat16_state_falls_back_with_a_reason():
+  tx = amsgrad_jax.amsgrad(
+    1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16, state_rounding="stochastic"
+  )
+  params = {"w": jnp.ones((8,))}
+  status = amsgrad_jax.native_status(tx, tx.init(params), params)
+  assert not status.active
+  assert "the kernel rounds float state to nearest" in status.reason
 
 
 def test_float16_parameters_with_stochastic_rounding_fall_back():

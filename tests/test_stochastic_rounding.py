@@ -142,3 +142,22 @@ def test_stochastic_rounding_needs_params_and_checks_its_options():
   for seed in (-1, 2**32, 1.5, "0"):
     with pytest.raises(ValueError, match="rounding_seed must be an integer"):
       amsgrad_jax.amsgrad(1e-3, rounding_seed=seed)
+
+
+def test_stochastic_bfloat16_state_keeps_the_moving_average_of_nu():
+  """Rounded to nearest, a bfloat16 ``nu`` stalls once a step's change is under half its
+  spacing (from 0.1 toward 1 with unit gradients, at 0.25: 0.999 * 0.25 + 0.001 rounds
+  back to 0.25); stochastically it follows float32's."""
+  params = {"w": jnp.zeros((4096,))}
+  results = {}
+  for rounding in ("nearest", "stochastic", None):
+    dtype = None if rounding is None else jnp.bfloat16
+    tx = amsgrad_jax.scale_by_amsgrad(mu_dtype=dtype, nu_dtype=dtype, state_rounding=rounding)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    _, state = update({"w": jnp.full((4096,), 10.0)}, state)
+    for _ in range(1000):
+      _, state = update({"w": jnp.ones((4096,))}, state)
+    results[rounding] = float(jnp.mean(state.nu["w"].astype(jnp.float32)))
+  assert abs(results["stochastic"] - results[None]) < 0.01 * results[None]
+  assert abs(results["nearest"] - results[None]) > 0.3 * results[None]

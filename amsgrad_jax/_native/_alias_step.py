@@ -83,8 +83,10 @@ def alias_step(plan: Plan, grads: Any, params: Any, clip: GradScale | None) -> t
   count = _numerics.safe_increment(state.count)
   scalars_for = _scalars(plan, clip)
   step = _flat_layout_step if isinstance(state.mu, FlatMoment) else _tree_layout_step
-  rounding = (
-    Rounding.STOCHASTIC if plan.options.param_rounding == "stochastic" else Rounding.NEAREST
+  options = plan.options
+  rounding = Roundings(
+    Rounding.STOCHASTIC if options.param_rounding == "stochastic" else Rounding.NEAREST,
+    Rounding.NEAREST if options.state_rounding == "nearest" else Rounding.STOCHASTIC,
   )
   new_params, mu, nu, nu_max = step(state, grads, params, plan.decay, scalars_for, rounding)
   new_state = list(plan.opt_state)
@@ -144,7 +146,7 @@ def _tree_layout_step(
   params: Any,
   decay: list[Decay],
   scalars_for: Callable[..., jax.Array],
-  rounding: Rounding,
+  rounding: Roundings,
 ) -> tuple[Any, Any, Any, Any]:
   """New params, mu, nu and nu_max: one kernel call per dtype group (and decay mode), in
   calls of at most :data:`LEAVES_PER_CALL` leaves."""
@@ -163,9 +165,9 @@ def _tree_layout_step(
       # (XLA gathers a parameter split over devices first), the others run per shard.
       if isinstance(mu_storage, int):
         outputs = _blockwise_call(scalars, [leaves[i] for i in batch], mode, rounding, batch)
-      elif rounding == Rounding.STOCHASTIC:
+      elif rounding.param == Rounding.STOCHASTIC:
         outputs = _interface.tree_call(
-          scalars, [leaves[i] for i in batch], mode, rounding=rounding, leaf_ids=batch
+          scalars, [leaves[i] for i in batch], mode, rounding=rounding.param, leaf_ids=batch
         )
       else:
         outputs = per_shard(_interface.tree_call, scalars, [leaves[i] for i in batch], mode)
@@ -185,11 +187,19 @@ def _placed_like(before: tuple[Any, ...], after: tuple[Any, ...]) -> tuple[Any, 
   )
 
 
+class Roundings(NamedTuple):
+  """How the step rounds the parameters and the 8-bit moments (float state is stored to
+  nearest in the kernel; the plan sends stochastic float state down the Optax path)."""
+
+  param: Rounding
+  state: Rounding
+
+
 def _blockwise_call(
   scalars: jax.Array,
   leaves: list[tuple[Any, ...]],
   mode: Decay,
-  rounding: Rounding,
+  rounding: Roundings,
   leaf_ids: list[int],
 ) -> list[tuple[Any, ...]]:
   """The kernel over leaves whose moments are :class:`~amsgrad_jax.Blockwise8Array`:
@@ -200,7 +210,13 @@ def _blockwise_call(
   ]
   block_size = leaves[0][2].block_size
   outputs = _interface.blockwise_call(
-    scalars, operands, mode, block_size=block_size, rounding=rounding, leaf_ids=leaf_ids
+    scalars,
+    operands,
+    mode,
+    block_size=block_size,
+    rounding=rounding.param,
+    state_rounding=rounding.state,
+    leaf_ids=leaf_ids,
   )
   results = []
   for (_, _, *stored), (p, *parts) in zip(leaves, outputs, strict=True):
@@ -218,7 +234,7 @@ def _flat_layout_step(
   params: Any,
   decay: list[Decay],
   scalars_for: Callable[..., jax.Array],
-  rounding: Rounding,
+  rounding: Roundings,
 ) -> tuple[Any, Any, Any, Any]:
   """As :func:`_tree_layout_step` for the flat layout: each call updates its leaves'
   parameters and their ranges of the group's three buffers, which pass from call to call
@@ -245,7 +261,13 @@ def _flat_layout_step(
       leaves = [(param_leaves[i], grad_leaves[i]) for i in batch]
       offsets = [layout.offsets[i] for i in batch]
       buffers, outputs = _interface.flat_call(
-        scalars, buffers, leaves, offsets, mode, rounding=rounding, leaf_ids=batch
+        scalars,
+        buffers,
+        leaves,
+        offsets,
+        mode,
+        rounding=rounding.param,
+        leaf_ids=batch,
       )
       for index, output in zip(batch, outputs, strict=True):
         new_params[index] = output

@@ -206,6 +206,7 @@ def tree_call(
   decay: Decay,
   *,
   rounding: Rounding = Rounding.NEAREST,
+  state_rounding: Rounding = Rounding.NEAREST,
   leaf_ids: Sequence[int] = (),
 ) -> list[tuple]:
   """One call over ``leaves``, each its :data:`TREE_OPERANDS`; returns each leaf's
@@ -234,6 +235,7 @@ def tree_call(
     *operands,
     decay=np.int64(decay),
     rounding=np.int64(rounding),
+    state_rounding=np.int64(state_rounding),
     leaf_ids=np.asarray(leaf_ids, np.int64),
   )
   return [tuple(flat[per_out * i : per_out * (i + 1)]) for i in range(len(leaves))]
@@ -246,6 +248,7 @@ def blockwise_call(
   *,
   block_size: int,
   rounding: Rounding,
+  state_rounding: Rounding,
   leaf_ids: Sequence[int],
 ) -> list[tuple]:
   """One call over leaves in :func:`~amsgrad_jax.blockwise8` storage, each its
@@ -270,6 +273,7 @@ def blockwise_call(
     *(x for leaf in leaves for x in leaf),
     decay=np.int64(decay),
     rounding=np.int64(rounding),
+    state_rounding=np.int64(state_rounding),
     block_size=np.int64(block_size),
     leaf_ids=np.asarray(leaf_ids, np.int64),
   )
@@ -284,6 +288,7 @@ def flat_call(
   decay: Decay,
   *,
   rounding: Rounding = Rounding.NEAREST,
+  state_rounding: Rounding = Rounding.NEAREST,
   leaf_ids: Sequence[int] = (),
 ) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
   """One call over some leaves of a dtype group in the flat layout: ``state`` holds the
@@ -306,6 +311,7 @@ def flat_call(
     *operands,
     decay=np.int64(decay),
     rounding=np.int64(rounding),
+    state_rounding=np.int64(state_rounding),
     leaf_ids=np.asarray(list(leaf_ids) or list(range(len(leaves))), np.int64),
     offsets=np.asarray(offsets, np.int64),
   )

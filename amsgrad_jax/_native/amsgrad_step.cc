@@ -419,8 +419,6 @@ StepFn ForMode(int64_t decay, bool check, bool stochastic) {
   return ForDecay<P, M, N, C, false, false>(decay);
 }
 
-// Storage dtypes all in {bf16, f32} compute in float; all in {f32, f64} with an f64
-// compute in double. (bfloat16 next to float64 is left to the JAX path.)
 template <typename P, typename M>
 StepFn ForNu32(ffi::DataType n, int64_t decay, bool check, bool stochastic) {
   switch (n) {
@@ -467,7 +465,7 @@ struct Leaf {
   void* mu;
   void* nu;
   void* nu_max;
-  uint32_t key;  // the stochastic rounding's key of this leaf
+  uint32_t key;  // the stochastic rounding's key of this leaf's parameters
 };
 
 struct Chunk {
@@ -583,9 +581,12 @@ ffi::AnyBuffer Result(ffi::RemainingRets& rets, size_t first, size_t leaf, int p
 // (TreeResultIndex order) start from its operands and are updated in place; without (the
 // check) nothing is written and the operands are read only.
 ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* rets,
-                      int64_t decay, int64_t rounding, ffi::Span<const int64_t> leaf_ids,
-                      std::vector<size_t>& sizes) {
+                      int64_t decay, int64_t rounding, int64_t state_rounding,
+                      ffi::Span<const int64_t> leaf_ids, std::vector<size_t>& sizes) {
   const char* name = rets ? "amsgrad_jax_step" : "amsgrad_jax_check";
+  if (state_rounding != kRoundingNearest) {  // float state is stored to nearest here
+    return ffi::Error::InvalidArgument(std::string(name) + ": float state rounds to nearest");
+  }
   const size_t num_leaves = args.size() / kTreeOperandsPerLeaf;
   if (args.size() % kTreeOperandsPerLeaf != 0 ||
       (rets && rets->size() != num_leaves * kTreeResultsPerLeaf) ||
@@ -635,13 +636,15 @@ ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* 
 
 // State as one buffer per leaf: TreeOperandIndex and TreeResultIndex give the order.
 ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
-                       ffi::Span<const int64_t> leaf_ids, ffi::AnyBuffer scalars,
+                       int64_t state_rounding, ffi::Span<const int64_t> leaf_ids,
+                       ffi::AnyBuffer scalars,
                        ffi::RemainingArgs args, ffi::RemainingRets rets) {
   auto made = NewWork(scalars);
   if (made.has_error()) return made.error();
   std::shared_ptr<Work> work = *made;
   std::vector<size_t> sizes;
-  ffi::Error error = TreeLeaves(*work, args, &rets, decay, rounding, leaf_ids, sizes);
+  ffi::Error error =
+      TreeLeaves(*work, args, &rets, decay, rounding, state_rounding, leaf_ids, sizes);
   if (error.failure()) return error;
   return RunOnPool(pool, work, sizes);
 }
@@ -657,7 +660,8 @@ ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scal
   if (made.has_error()) return made.error();
   std::shared_ptr<Work> work = *made;
   std::vector<size_t> sizes;
-  ffi::Error error = TreeLeaves(*work, args, nullptr, decay, kRoundingNearest, {}, sizes);
+  ffi::Error error =
+      TreeLeaves(*work, args, nullptr, decay, kRoundingNearest, kRoundingNearest, {}, sizes);
   if (error.failure()) return error;
   error = RunOnPool(pool, work, sizes);
   *finite->typed_data() = work->finite.load() ? 1 : 0;
@@ -668,12 +672,14 @@ ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scal
 // results: the state buffers, then per leaf FlatLeafResultIndex. Attribute `offsets`: each
 // leaf's first element in the state buffers.
 ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
-                           ffi::Span<const int64_t> leaf_ids, ffi::Span<const int64_t> offsets,
+                           int64_t state_rounding, ffi::Span<const int64_t> leaf_ids,
+                           ffi::Span<const int64_t> offsets,
                            ffi::AnyBuffer scalars, ffi::RemainingArgs args,
                            ffi::RemainingRets rets) {
   const size_t num_leaves = offsets.size();
-  if (leaf_ids.size() != num_leaves) {
-    return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: one leaf id per offset");
+  if (leaf_ids.size() != num_leaves || state_rounding != kRoundingNearest) {
+    return ffi::Error::InvalidArgument(
+        "amsgrad_jax_step_flat: one leaf id per offset, and float state rounds to nearest");
   }
   if (args.size() != kFlatStateBuffers + kFlatOperandsPerLeaf * num_leaves ||
       rets.size() != kFlatStateBuffers + kFlatResultsPerLeaf * num_leaves) {
@@ -777,15 +783,21 @@ inline void StepBlock(P* __restrict__ params, const P* __restrict__ grads,
 // One block's codes from its m, v and running maximum, with the exponents' inverse scales:
 // m and v rounded stochastically (the low and high 16 bits of each element's random bits),
 // the maximum upward.
+template <bool kStateStochastic>
 inline void EncodeBlock(const float* __restrict__ m, const float* __restrict__ v,
                         const float* __restrict__ w, uint8_t* __restrict__ mu,
                         uint8_t* __restrict__ nu, uint8_t* __restrict__ nu_max, size_t count,
                         float m_inverse, float v_inverse, float w_inverse, uint32_t key,
                         uint32_t state_key, size_t first) {
   for (size_t k = 0; k < count; ++k) {
-    const uint32_t random = ElementBits(key, state_key, first + k);
-    mu[k] = EncodeStochastic<true>(m[k], m_inverse, random);
-    nu[k] = EncodeStochastic<false>(v[k], v_inverse, random >> 16);
+    if constexpr (kStateStochastic) {
+      const uint32_t random = ElementBits(key, state_key, first + k);
+      mu[k] = EncodeStochastic<true>(m[k], m_inverse, random);
+      nu[k] = EncodeStochastic<false>(v[k], v_inverse, random >> 16);
+    } else {
+      mu[k] = Encode<true, false>(m[k], m_inverse);
+      nu[k] = Encode<false, false>(v[k], v_inverse);
+    }
     nu_max[k] = Encode<false, true>(w[k], w_inverse);
   }
 }
@@ -794,7 +806,7 @@ inline void EncodeBlock(const float* __restrict__ m, const float* __restrict__ v
 // exponents (the largest |m|, v and running maximum of the block, as _blockwise.py): two
 // vectorised passes over a block, the step (m, v and the maximum kept in a buffer of the
 // block's length), then the encoding.
-template <typename P, int64_t kDecay, bool kStochastic>
+template <typename P, int64_t kDecay, bool kStochastic, bool kStateStochastic>
 void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* scalars_raw) {
   const Scalars<float> s(scalars_raw);
   std::vector<float> buffer(3 * leaf.block);
@@ -821,10 +833,11 @@ void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* sca
       StepBlock<P, kDecay, kStochastic, false>(params, grads, mu, nu, nu_max, m, v, w, count,
                                                scale, s, first, leaf.key, top);
     }
-    const int m_exponent = BlockExponent<true>(top[0], true);  // room for rounding up
-    const int v_exponent = BlockExponent<false>(top[1], true);
+    // Stochastically m and v may round up: their exponents leave room for it.
+    const int m_exponent = BlockExponent<true>(top[0], kStateStochastic);
+    const int v_exponent = BlockExponent<false>(top[1], kStateStochastic);
     const int w_exponent = BlockExponent<false>(top[2], true);
-    EncodeBlock(m, v, w, mu, nu, nu_max, count, PowerOfTwoBits(-m_exponent),
+    EncodeBlock<kStateStochastic>(m, v, w, mu, nu, nu_max, count, PowerOfTwoBits(-m_exponent),
                 PowerOfTwoBits(-v_exponent), PowerOfTwoBits(-w_exponent), s.key, leaf.state_key,
                 first);
     leaf.exponents[0][index] = static_cast<int8_t>(m_exponent);
@@ -833,22 +846,30 @@ void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* sca
   }
 }
 
-template <typename P, bool kStochastic>
+template <typename P, bool kStochastic, bool kStateStochastic>
 BlockFn BlocksForDecay(int64_t decay) {
+  constexpr bool p = kStochastic, q = kStateStochastic;
   switch (decay) {
-    case kDecayNone: return &StepBlocks<P, kDecayNone, kStochastic>;
-    case kDecayCoupled: return &StepBlocks<P, kDecayCoupled, kStochastic>;
-    case kDecayDecoupled: return &StepBlocks<P, kDecayDecoupled, kStochastic>;
+    case kDecayNone: return &StepBlocks<P, kDecayNone, p, q>;
+    case kDecayCoupled: return &StepBlocks<P, kDecayCoupled, p, q>;
+    case kDecayDecoupled: return &StepBlocks<P, kDecayDecoupled, p, q>;
     default: return nullptr;
   }
 }
 
-BlockFn SelectBlocks(ffi::DataType p, int64_t decay, bool stochastic) {
-  if (p == ffi::DataType::F32) return BlocksForDecay<float, false>(decay);
+template <bool kStateStochastic>
+BlockFn SelectBlocksFor(ffi::DataType p, int64_t decay, bool stochastic) {
+  if (p == ffi::DataType::F32) return BlocksForDecay<float, false, kStateStochastic>(decay);
   if (p == ffi::DataType::BF16) {
-    return stochastic ? BlocksForDecay<bf16, true>(decay) : BlocksForDecay<bf16, false>(decay);
+    return stochastic ? BlocksForDecay<bf16, true, kStateStochastic>(decay)
+                      : BlocksForDecay<bf16, false, kStateStochastic>(decay);
   }
   return nullptr;
+}
+
+BlockFn SelectBlocks(ffi::DataType p, int64_t decay, bool stochastic, bool state_stochastic) {
+  return state_stochastic ? SelectBlocksFor<true>(p, decay, stochastic)
+                          : SelectBlocksFor<false>(p, decay, stochastic);
 }
 
 struct BlockWork {
@@ -875,7 +896,8 @@ struct BlockWork {
 // aliased to the operand of the same name. Attributes as the tree target's, and
 // `block_size`.
 ffi::Error AmsgradStepBlockwise(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
-                                int64_t block_size, ffi::Span<const int64_t> leaf_ids,
+                                int64_t state_rounding, int64_t block_size,
+                                ffi::Span<const int64_t> leaf_ids,
                                 ffi::AnyBuffer scalars, ffi::RemainingArgs args,
                                 ffi::RemainingRets rets) {
   constexpr const char* kName = "amsgrad_jax_step_blockwise";
@@ -916,7 +938,8 @@ ffi::Error AmsgradStepBlockwise(ffi::ThreadPool pool, int64_t decay, int64_t rou
                   kBlockwiseOperandNuMaxExponents}) {
       ok &= in(k).element_type() == ffi::DataType::S8 && in(k).element_count() == blocks;
     }
-    BlockFn step = SelectBlocks(params.element_type(), decay, rounding == kRoundingStochastic);
+    BlockFn step = SelectBlocks(params.element_type(), decay, rounding == kRoundingStochastic,
+                                state_rounding == kRoundingStochastic);
     if (!ok || step == nullptr || (i > 0 && step != work->step)) {
       return ffi::Error::InvalidArgument(std::string(kName) + ": unsupported dtypes or shapes");
     }
@@ -950,6 +973,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepBlockwise, AmsgradStepBlockwise,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("decay")
                                   .Attr<int64_t>("rounding")
+                                  .Attr<int64_t>("state_rounding")
                                   .Attr<int64_t>("block_size")
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Arg<ffi::AnyBuffer>()
@@ -961,6 +985,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStep, AmsgradStep,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("decay")
                                   .Attr<int64_t>("rounding")
+                                  .Attr<int64_t>("state_rounding")
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
@@ -971,6 +996,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlat, AmsgradStepFlat,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("decay")
                                   .Attr<int64_t>("rounding")
+                                  .Attr<int64_t>("state_rounding")
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Attr<ffi::Span<const int64_t>>("offsets")
                                   .Arg<ffi::AnyBuffer>()
