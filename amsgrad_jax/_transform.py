@@ -296,11 +296,19 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
       stochastic = options.state_rounding or ("stochastic" if blockwise else "nearest")
       if stochastic != "stochastic":
         return None
+      if blockwise:  # 3 mantissa bits: errors as large as these need the sequence
+        return lambda shape: _rounding.sequence_bits(options.rounding_seed, count, index, shape)
       return lambda shape: _rounding.leaf_bits(key, index, shape, _rounding.STATE_SALT)
 
     results = [
       leaf_update(
-        g, mu, nu, nu_max, rule, scalars_for, state_bits(index, _blockwise.is_blockwise(mu))
+        g,
+        mu,
+        nu,
+        nu_max,
+        rule,
+        scalars_for,
+        state_bits(index, any(_blockwise.is_blockwise(m) for m in (mu, nu))),
       )
       for index, (g, mu, nu, nu_max) in enumerate(zip(grads, *buffers, strict=True))
     ]

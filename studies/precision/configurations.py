@@ -51,11 +51,15 @@ def _bfloat16_state(seed: int) -> dict[str, Any]:
   return {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}
 
 
+def _bfloat16_state_stochastic(seed: int) -> dict[str, Any]:
+  return {**_bfloat16_state(seed), "state_rounding": "stochastic", "rounding_seed": seed}
+
+
 def _blockwise8_state(seed: int) -> dict[str, Any]:
   if not hasattr(amsgrad_jax, "blockwise8"):
     raise Unavailable(f"amsgrad_jax {amsgrad_jax.__version__} has no blockwise8")
   state_format = amsgrad_jax.blockwise8()
-  return {"mu_dtype": state_format, "nu_dtype": state_format}
+  return {"mu_dtype": state_format, "nu_dtype": state_format, "rounding_seed": seed}
 
 
 def _float32_state_of_bf16_params(seed: int) -> dict[str, Any]:
@@ -71,7 +75,15 @@ def _stochastic_rounding(seed: int) -> dict[str, Any]:
 
 CONFIGURATIONS = (
   Configuration(REFERENCE, "float32 params, float32 state (default)", False, _float32_state),
-  Configuration("bf16_state", "float32 params, bfloat16 mu and nu", False, _bfloat16_state),
+  Configuration(
+    "bf16_state", "float32 params, bfloat16 mu and nu, to nearest", False, _bfloat16_state
+  ),
+  Configuration(
+    "bf16_state_sr",
+    'as bf16_state, with state_rounding="stochastic" (rounding_seed = seed)',
+    False,
+    _bfloat16_state_stochastic,
+  ),
   Configuration(
     "8bit_state", "float32 params, blockwise8() mu and nu (block 256)", False, _blockwise8_state
   ),
