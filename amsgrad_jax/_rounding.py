@@ -55,27 +55,6 @@ def step_key(seed: Any, count: jax.Array) -> jax.Array:
   return mix(mix(start) ^ count.astype(jnp.uint32))
 
 
-# 2**16 / golden ratio: the step of a low-discrepancy (Weyl) sequence in 16-bit fixed point.
-WEYL_STEP = 40503
-
-
-def sequence_bits(seed: Any, count: jax.Array, leaf: int, shape: tuple[int, ...]) -> jax.Array:
-  """Two 16-bit uniforms per element (low half for ``mu``, high half for ``nu``) that move
-  along a Weyl sequence from step to step: ``u_t = u_0 + t / phi (mod 1)``, ``u_0`` a hash
-  of the seed, the leaf and the element.
-
-  Over consecutive steps an element's roundings go up and down in the right proportions
-  with little clustering, so the rounding errors of a slow moving average (``nu`` with
-  ``b2 = 0.999`` remembers a thousand steps) nearly cancel, where independent random bits
-  would add up like a random walk.
-  """
-  start = leaf_bits(step_key(seed, jnp.zeros((), jnp.uint32)), leaf, shape, STATE_SALT)
-  offset = (count.astype(jnp.uint32) * np.uint32(WEYL_STEP)) & np.uint32(0xFFFF)
-  low = ((start & np.uint32(0xFFFF)) + offset) & np.uint32(0xFFFF)
-  high = ((start >> 16) + offset) & np.uint32(0xFFFF)
-  return low | (high << 16)
-
-
 def leaf_bits(key: jax.Array, leaf: int, shape: tuple[int, ...], salt: int = 0) -> jax.Array:
   """32 random bits per element of leaf number ``leaf`` (in tree order), from ``key``;
   ``salt`` 0 for the parameters, :data:`STATE_SALT` for the moments' stochastic rounding."""

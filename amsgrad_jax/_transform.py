@@ -296,8 +296,6 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
       stochastic = options.state_rounding or ("stochastic" if blockwise else "nearest")
       if stochastic != "stochastic":
         return None
-      if blockwise:  # 3 mantissa bits: errors as large as these need the sequence
-        return lambda shape: _rounding.sequence_bits(options.rounding_seed, count, index, shape)
       return lambda shape: _rounding.leaf_bits(key, index, shape, _rounding.STATE_SALT)
 
     results = [

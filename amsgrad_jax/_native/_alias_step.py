@@ -107,8 +107,6 @@ def _scalars(plan: Plan, clip: GradScale | None) -> Callable[..., jax.Array]:
   step_size = _step_size(plan)
 
   key = _rounding.step_key(options.rounding_seed, count)
-  sequence_key = _rounding.step_key(options.rounding_seed, jnp.zeros((), jnp.uint32))
-  sequence_offset = (count.astype(jnp.uint32) * np.uint32(_rounding.WEYL_STEP)) & np.uint32(0xFFFF)
 
   def scalars_for(param_dtype: np.dtype, mu_dtype: Any, nu_dtype: Any) -> jax.Array:
     widths = [d for d in (param_dtype, mu_dtype, nu_dtype) if not isinstance(d, int)]
@@ -136,9 +134,6 @@ def _scalars(plan: Plan, clip: GradScale | None) -> Callable[..., jax.Array]:
       else _unless(clip.trigger, in_param_dtype(clip.max_norm)),
       "round_key_high": key >> 16,
       "round_key_low": key & np.uint32(0xFFFF),
-      "sequence_key_high": sequence_key >> 16,
-      "sequence_key_low": sequence_key & np.uint32(0xFFFF),
-      "sequence_offset": sequence_offset,
     }
     return jnp.stack([jnp.asarray(values[name]).astype(compute) for name in _interface.SCALARS])
 

@@ -69,11 +69,6 @@ SCALARS = (
   # each exact in any compute dtype.
   "round_key_high",
   "round_key_low",
-  # The 8-bit moments' rounding sequence (_rounding.sequence_bits): the seed's key (of
-  # step 0) in two halves, and the step count times the Weyl step, modulo 2**16.
-  "sequence_key_high",
-  "sequence_key_low",
-  "sequence_offset",
 )
 
 TREE_OPERANDS = ("params", "grads", "mu", "nu", "nu_max")

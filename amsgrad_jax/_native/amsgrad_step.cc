@@ -292,7 +292,6 @@ struct Scalars {
   C b1, b2, one_minus_b1, one_minus_b2, eps, eps_root, a, b, d, neg_lr, weight_decay;
   C grad_divisor, grad_multiplier;
   uint32_t key;
-  uint32_t sequence_key, sequence_offset;  // the 8-bit moments' rounding sequence
   bool clipping;  // whether the clip's scalars are not both 1
 
   explicit Scalars(const void* raw) {
@@ -305,9 +304,6 @@ struct Scalars {
     grad_divisor = s[kScalarGradDivisor], grad_multiplier = s[kScalarGradMultiplier];
     key = (static_cast<uint32_t>(s[kScalarRoundKeyHigh]) << 16) |
           static_cast<uint32_t>(s[kScalarRoundKeyLow]);
-    sequence_key = (static_cast<uint32_t>(s[kScalarSequenceKeyHigh]) << 16) |
-                   static_cast<uint32_t>(s[kScalarSequenceKeyLow]);
-    sequence_offset = static_cast<uint32_t>(s[kScalarSequenceOffset]);
     clipping = !(grad_divisor == C(1) && grad_multiplier == C(1));
   }
 };
@@ -792,13 +788,12 @@ inline void EncodeBlock(const float* __restrict__ m, const float* __restrict__ v
                         const float* __restrict__ w, uint8_t* __restrict__ mu,
                         uint8_t* __restrict__ nu, uint8_t* __restrict__ nu_max, size_t count,
                         float m_inverse, float v_inverse, float w_inverse, uint32_t key,
-                        uint32_t state_key, uint32_t offset, size_t first) {
+                        uint32_t state_key, size_t first) {
   for (size_t k = 0; k < count; ++k) {
     if constexpr (kStateStochastic) {
-      // As _rounding.sequence_bits: a hash of the element, moved along a Weyl sequence.
-      const uint32_t start = ElementBits(key, state_key, first + k);
-      mu[k] = EncodeStochastic<true>(m[k], m_inverse, (start + offset) & 0xFFFFu);
-      nu[k] = EncodeStochastic<false>(v[k], v_inverse, ((start >> 16) + offset) & 0xFFFFu);
+      const uint32_t random = ElementBits(key, state_key, first + k);
+      mu[k] = EncodeStochastic<true>(m[k], m_inverse, random);
+      nu[k] = EncodeStochastic<false>(v[k], v_inverse, random >> 16);
     } else {
       mu[k] = Encode<true, false>(m[k], m_inverse);
       nu[k] = Encode<false, false>(v[k], v_inverse);
@@ -843,8 +838,8 @@ void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* sca
     const int v_exponent = BlockExponent<false>(top[1], kStateStochastic);
     const int w_exponent = BlockExponent<false>(top[2], true);
     EncodeBlock<kStateStochastic>(m, v, w, mu, nu, nu_max, count, PowerOfTwoBits(-m_exponent),
-                PowerOfTwoBits(-v_exponent), PowerOfTwoBits(-w_exponent), s.sequence_key,
-                leaf.state_key, s.sequence_offset, first);
+                PowerOfTwoBits(-v_exponent), PowerOfTwoBits(-w_exponent), s.key, leaf.state_key,
+                first);
     leaf.exponents[0][index] = static_cast<int8_t>(m_exponent);
     leaf.exponents[1][index] = static_cast<int8_t>(v_exponent);
     leaf.exponents[2][index] = static_cast<int8_t>(w_exponent);
@@ -963,8 +958,7 @@ ffi::Error AmsgradStepBlockwise(ffi::ThreadPool pool, int64_t decay, int64_t rou
                     static_cast<int8_t*>(data[kBlockwiseResultNuExponents]),
                     static_cast<int8_t*>(data[kBlockwiseResultNuMaxExponents])},
                    row, block, blocks_per_row, LeafKey(work->key, leaf_ids[i]),
-                   LeafKey(Scalars<float>(work->scalars).sequence_key, leaf_ids[i],
-                           kRoundStateSalt)};
+                   LeafKey(work->key, leaf_ids[i], kRoundStateSalt)};
     work->leaves.push_back(leaf);
     sizes.push_back(blocks);
     largest_block = std::max(largest_block, block);
