@@ -85,8 +85,8 @@ def blockwise8(block_size: int = 256) -> Blockwise8:
 
   ``amsgrad(lr, mu_dtype=blockwise8(), nu_dtype=blockwise8())`` stores the three moments
   in about 3 bytes per parameter instead of 12, with the running maximum rounded up so
-  that it never falls below the true one and never creeps above it (see
-  :mod:`amsgrad_jax` 's memory and precision guide). Parameters must be real
+  that it never falls below the true one and never creeps above it (see the memory and
+  precision guide). Parameters must be real
   (float32, bfloat16, float16 or float64); arithmetic is float32.
 
   Args:
