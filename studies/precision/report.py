@@ -259,7 +259,7 @@ def notes(configurations: dict[str, Entry]) -> list[str]:
 def task_section(spec: TaskSpec, configurations: dict[str, Entry]) -> list[str]:
   """A task's heading, table(s) and notes."""
   seeds = ",".join(map(str, spec.seeds))
-  lines = [f"## {spec.title}", "", f"{spec.steps} steps, seeds {seeds}, lr {spec.learning_rate:g}"]
+  lines = [f"### {spec.title}", "", f"{spec.steps} steps, seeds {seeds}, lr {spec.learning_rate:g}"]
   for columns in task_columns(spec):
     headers = ["config", *(header for header, _ in columns)]
     rows = [
