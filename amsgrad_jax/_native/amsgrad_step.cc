@@ -245,25 +245,31 @@ inline float MagnitudeValue(int32_t magnitude) {
 
 // Stochastic rounding onto the code (as _blockwise._encode_stochastic): the code below
 // |x|, plus one when u (h - l) < |x| - l, with u the low 16 bits of `random` over 2**16.
+// The code below, its value l and the spacing h - l come from the float's bits directly
+// (every quantity is exact, so this is the Optax path's arithmetic, value for value).
 template <bool kSigned>
 inline uint8_t EncodeStochastic(float x, float inverse_scale, uint32_t random) {
   using Code = CodeOf<kSigned>;
   constexpr int m = kCodeMantissaBits;
   constexpr uint32_t kLow = (1u << (23 - m)) - 1;
   const float scaled = std::fabs(x) * inverse_scale;
-  const int32_t normal =
-      static_cast<int32_t>((FloatToBits(scaled) & ~kLow) >> (23 - m)) - ((127 + Code::kEmin - 1) << m);
+  const uint32_t bits = FloatToBits(scaled);
+  const bool subnormal = scaled < Code::kSmallestNormal;
+  // Normal: truncate the mantissa; the spacing is 2**(exponent - m).
+  const int32_t normal = static_cast<int32_t>((bits & ~kLow) >> (23 - m)) - ((127 + Code::kEmin - 1) << m);
+  const float normal_low = BitsToFloat(bits & ~kLow);
+  const float normal_spacing = BitsToFloat(((bits >> 23) - m) << 23);
+  // Subnormal: whole units of the smallest code.
   float tiny = scaled * Code::kPerSubnormalUnit;
   tiny = tiny < 256.0f ? tiny : 256.0f;
-  const int32_t subnormal = static_cast<int32_t>(std::floor(tiny));
-  int32_t below = scaled < Code::kSmallestNormal ? subnormal : normal;
-  below = below < 0 ? 0 : (below > Code::kLargest ? Code::kLargest : below);
-  const float low = MagnitudeValue<kSigned>(below);
-  const int32_t above = below + 1 > Code::kLargest ? Code::kLargest : below + 1;
-  const float spacing = MagnitudeValue<kSigned>(above) - low;
+  const float tiny_floor = std::floor(tiny);
+  int32_t below = subnormal ? static_cast<int32_t>(tiny_floor) : normal;
+  const float low = subnormal ? tiny_floor * Code::kSubnormalUnit : normal_low;
+  const float spacing = subnormal ? Code::kSubnormalUnit : normal_spacing;
   const float uniform = static_cast<float>(random & 0xFFFFu) * 0x1p-16f;
-  int32_t magnitude = below + (uniform * spacing < scaled - low ? 1 : 0);
-  magnitude = magnitude > Code::kLargest ? Code::kLargest : magnitude;
+  const bool top = below >= Code::kLargest;  // the top code: nothing above (h - l = 0)
+  int32_t magnitude = below + ((!top && uniform * spacing < scaled - low) ? 1 : 0);
+  magnitude = magnitude < 0 ? 0 : (magnitude > Code::kLargest ? Code::kLargest : magnitude);
   if (kSigned) magnitude |= (x < 0 && magnitude > 0) ? 0x80 : 0;
   return static_cast<uint8_t>(magnitude);
 }
