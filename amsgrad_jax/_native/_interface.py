@@ -7,7 +7,7 @@ kernel also reports the interface it was compiled with (``AmsgradJaxInterface``)
 built from another version is refused with the difference named, never called with
 operands in an order it does not expect.
 
-Two FFI targets, one per state layout:
+The FFI targets, one per state storage, and the guard's check:
 
 * ``amsgrad_jax_step`` (state as one array per leaf): operands ``scalars``, then
   :data:`TREE_OPERANDS` for every leaf; results :data:`TREE_RESULTS` for every leaf, each
@@ -15,13 +15,18 @@ Two FFI targets, one per state layout:
 * ``amsgrad_jax_step_flat`` (``flat_state=True``): operands ``scalars``, the group's
   :data:`FLAT_STATE` buffers, then :data:`FLAT_LEAF_OPERANDS` for every leaf; results the
   :data:`FLAT_STATE` buffers, then :data:`FLAT_LEAF_RESULTS` for every leaf.
-
+* ``amsgrad_jax_step_blockwise`` (:func:`~amsgrad_jax.blockwise8` state): operands
+  ``scalars``, then :data:`BLOCKWISE_OPERANDS` for every leaf; results
+  :data:`BLOCKWISE_RESULTS`, aliased as the tree target's.
 * ``amsgrad_jax_check`` (the guard of :func:`~amsgrad_jax.skip_nonfinite`): the tree
   target's operands, nothing written; one ``int32`` result, 1 when the step would leave the
   gradient, the update and the stored state finite.
 
-All take the attribute ``decay`` (a :class:`Decay`); the flat one also ``offsets``, each
-leaf's first element in the state buffers.
+All take the attribute ``decay`` (a :class:`Decay`); the steps also ``rounding`` (a
+:class:`Rounding`, of the parameters) and ``leaf_ids`` (each leaf's position in the tree,
+which seeds its random bits); the flat one also ``offsets``, each leaf's first element in
+the state buffers; the blockwise one also ``state_rounding`` (of ``mu`` and ``nu``) and
+``block_size``.
 """
 
 from __future__ import annotations
@@ -206,39 +211,21 @@ def tree_call(
   decay: Decay,
   *,
   rounding: Rounding = Rounding.NEAREST,
-  state_rounding: Rounding = Rounding.NEAREST,
   leaf_ids: Sequence[int] = (),
 ) -> list[tuple]:
   """One call over ``leaves``, each its :data:`TREE_OPERANDS`; returns each leaf's
   :data:`TREE_RESULTS`, aliased to the operands of the same names. ``leaf_ids``: each
   leaf's position in the parameter tree (the stochastic rounding's leaf number)."""
-  leaf_ids = list(leaf_ids) or list(range(len(leaves)))
-  per_in, per_out = len(TREE_OPERANDS), len(TREE_RESULTS)
-  operands = [x for leaf in leaves for x in leaf]
-  result_shapes = [
-    jax.ShapeDtypeStruct(
-      leaf[TREE_OPERANDS.index(name)].shape, leaf[TREE_OPERANDS.index(name)].dtype
-    )
-    for leaf in leaves
-    for name in TREE_RESULTS
-  ]
-  aliases = {
-    1 + per_in * i + TREE_OPERANDS.index(name): per_out * i + k
-    for i in range(len(leaves))
-    for k, name in enumerate(TREE_RESULTS)
-  }
-  call = jax.ffi.ffi_call(
-    TREE_TARGET, result_shapes, input_output_aliases=aliases, vmap_method="sequential"
-  )
-  flat = call(
+  return _per_leaf_call(
+    TREE_TARGET,
+    TREE_OPERANDS,
+    TREE_RESULTS,
     scalars,
-    *operands,
-    decay=np.int64(decay),
-    rounding=np.int64(rounding),
-    state_rounding=np.int64(state_rounding),
-    leaf_ids=np.asarray(leaf_ids, np.int64),
+    leaves,
+    leaf_ids=list(leaf_ids) or list(range(len(leaves))),
+    decay=decay,
+    rounding=rounding,
   )
-  return [tuple(flat[per_out * i : per_out * (i + 1)]) for i in range(len(leaves))]
 
 
 def blockwise_call(
@@ -253,28 +240,51 @@ def blockwise_call(
 ) -> list[tuple]:
   """One call over leaves in :func:`~amsgrad_jax.blockwise8` storage, each its
   :data:`BLOCKWISE_OPERANDS`; returns each leaf's :data:`BLOCKWISE_RESULTS`, aliased."""
-  per_in, per_out = len(BLOCKWISE_OPERANDS), len(BLOCKWISE_RESULTS)
-  at = {name: BLOCKWISE_OPERANDS.index(name) for name in BLOCKWISE_RESULTS}
+  return _per_leaf_call(
+    BLOCKWISE_TARGET,
+    BLOCKWISE_OPERANDS,
+    BLOCKWISE_RESULTS,
+    scalars,
+    leaves,
+    leaf_ids=leaf_ids,
+    decay=decay,
+    rounding=rounding,
+    state_rounding=state_rounding,
+    block_size=block_size,
+  )
+
+
+def _per_leaf_call(
+  target: str,
+  operand_names: Sequence[str],
+  result_names: Sequence[str],
+  scalars: jax.Array,
+  leaves: Sequence[tuple[jax.Array, ...]],
+  *,
+  leaf_ids: Sequence[int],
+  **attributes: int,
+) -> list[tuple]:
+  """``target`` over ``leaves`` (each its ``operand_names``) after the scalars: each leaf's
+  ``result_names``, each aliased to the operand of the same name."""
+  per_in, per_out = len(operand_names), len(result_names)
+  at = {name: operand_names.index(name) for name in result_names}
   result_shapes = [
     jax.ShapeDtypeStruct(leaf[at[name]].shape, leaf[at[name]].dtype)
     for leaf in leaves
-    for name in BLOCKWISE_RESULTS
+    for name in result_names
   ]
   aliases = {
     1 + per_in * i + at[name]: per_out * i + k
     for i in range(len(leaves))
-    for k, name in enumerate(BLOCKWISE_RESULTS)
+    for k, name in enumerate(result_names)
   }
   call = jax.ffi.ffi_call(
-    BLOCKWISE_TARGET, result_shapes, input_output_aliases=aliases, vmap_method="sequential"
+    target, result_shapes, input_output_aliases=aliases, vmap_method="sequential"
   )
   flat = call(
     scalars,
     *(x for leaf in leaves for x in leaf),
-    decay=np.int64(decay),
-    rounding=np.int64(rounding),
-    state_rounding=np.int64(state_rounding),
-    block_size=np.int64(block_size),
+    **{name: np.int64(value) for name, value in attributes.items()},
     leaf_ids=np.asarray(leaf_ids, np.int64),
   )
   return [tuple(flat[per_out * i : per_out * (i + 1)]) for i in range(len(leaves))]
@@ -288,7 +298,6 @@ def flat_call(
   decay: Decay,
   *,
   rounding: Rounding = Rounding.NEAREST,
-  state_rounding: Rounding = Rounding.NEAREST,
   leaf_ids: Sequence[int] = (),
 ) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
   """One call over some leaves of a dtype group in the flat layout: ``state`` holds the
@@ -311,7 +320,6 @@ def flat_call(
     *operands,
     decay=np.int64(decay),
     rounding=np.int64(rounding),
-    state_rounding=np.int64(state_rounding),
     leaf_ids=np.asarray(list(leaf_ids) or list(range(len(leaves))), np.int64),
     offsets=np.asarray(offsets, np.int64),
   )

@@ -587,12 +587,9 @@ ffi::AnyBuffer Result(ffi::RemainingRets& rets, size_t first, size_t leaf, int p
 // (TreeResultIndex order) start from its operands and are updated in place; without (the
 // check) nothing is written and the operands are read only.
 ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* rets,
-                      int64_t decay, int64_t rounding, int64_t state_rounding,
-                      ffi::Span<const int64_t> leaf_ids, std::vector<size_t>& sizes) {
+                      int64_t decay, int64_t rounding, ffi::Span<const int64_t> leaf_ids,
+                      std::vector<size_t>& sizes) {
   const char* name = rets ? "amsgrad_jax_step" : "amsgrad_jax_check";
-  if (state_rounding != kRoundingNearest) {  // float state is stored to nearest here
-    return ffi::Error::InvalidArgument(std::string(name) + ": float state rounds to nearest");
-  }
   const size_t num_leaves = args.size() / kTreeOperandsPerLeaf;
   if (args.size() % kTreeOperandsPerLeaf != 0 ||
       (rets && rets->size() != num_leaves * kTreeResultsPerLeaf) ||
@@ -642,7 +639,7 @@ ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* 
 
 // State as one buffer per leaf: TreeOperandIndex and TreeResultIndex give the order.
 ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
-                       int64_t state_rounding, ffi::Span<const int64_t> leaf_ids,
+                       ffi::Span<const int64_t> leaf_ids,
                        ffi::AnyBuffer scalars,
                        ffi::RemainingArgs args, ffi::RemainingRets rets) {
   auto made = NewWork(scalars);
@@ -650,7 +647,7 @@ ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
   std::shared_ptr<Work> work = *made;
   std::vector<size_t> sizes;
   ffi::Error error =
-      TreeLeaves(*work, args, &rets, decay, rounding, state_rounding, leaf_ids, sizes);
+      TreeLeaves(*work, args, &rets, decay, rounding, leaf_ids, sizes);
   if (error.failure()) return error;
   return RunOnPool(pool, work, sizes);
 }
@@ -667,7 +664,7 @@ ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scal
   std::shared_ptr<Work> work = *made;
   std::vector<size_t> sizes;
   ffi::Error error =
-      TreeLeaves(*work, args, nullptr, decay, kRoundingNearest, kRoundingNearest, {}, sizes);
+      TreeLeaves(*work, args, nullptr, decay, kRoundingNearest, {}, sizes);
   if (error.failure()) return error;
   error = RunOnPool(pool, work, sizes);
   *finite->typed_data() = work->finite.load() ? 1 : 0;
@@ -678,14 +675,12 @@ ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scal
 // results: the state buffers, then per leaf FlatLeafResultIndex. Attribute `offsets`: each
 // leaf's first element in the state buffers.
 ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
-                           int64_t state_rounding, ffi::Span<const int64_t> leaf_ids,
-                           ffi::Span<const int64_t> offsets,
+                           ffi::Span<const int64_t> leaf_ids, ffi::Span<const int64_t> offsets,
                            ffi::AnyBuffer scalars, ffi::RemainingArgs args,
                            ffi::RemainingRets rets) {
   const size_t num_leaves = offsets.size();
-  if (leaf_ids.size() != num_leaves || state_rounding != kRoundingNearest) {
-    return ffi::Error::InvalidArgument(
-        "amsgrad_jax_step_flat: one leaf id per offset, and float state rounds to nearest");
+  if (leaf_ids.size() != num_leaves) {
+    return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: one leaf id per offset");
   }
   if (args.size() != kFlatStateBuffers + kFlatOperandsPerLeaf * num_leaves ||
       rets.size() != kFlatStateBuffers + kFlatResultsPerLeaf * num_leaves) {
@@ -991,7 +986,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStep, AmsgradStep,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("decay")
                                   .Attr<int64_t>("rounding")
-                                  .Attr<int64_t>("state_rounding")
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
@@ -1002,7 +996,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlat, AmsgradStepFlat,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("decay")
                                   .Attr<int64_t>("rounding")
-                                  .Attr<int64_t>("state_rounding")
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Attr<ffi::Span<const int64_t>>("offsets")
                                   .Arg<ffi::AnyBuffer>()
