@@ -254,12 +254,6 @@ def _exponent(x: jax.Array) -> jax.Array:
   return ((_bits(x) >> 23) & np.uint32(0xFF)).astype(jnp.int32) - 127
 
 
-def block_exponents(amax: jax.Array, code: Code, upward: bool) -> jax.Array:
-  """Each block's exponent from its largest magnitude ``amax`` (float32): the one that
-  puts ``amax``, rounded to the code's precision, in the code's top binade ``[1, 2)``."""
-  return jnp.clip(_biased_exponent(amax, code, upward) - 127, code.lowest_scale, HIGHEST_SCALE)
-
-
 def _biased_exponent(x: jax.Array, code: Code, upward: bool) -> jax.Array:
   """The biased float32 exponent of ``|x|`` rounded to the code's precision, ``int32``
   (255 for a NaN or an infinity)."""
@@ -268,7 +262,9 @@ def _biased_exponent(x: jax.Array, code: Code, upward: bool) -> jax.Array:
 
 
 def blocks_exponents(blocked: jax.Array, code: Code, upward: bool) -> jax.Array:
-  """:func:`block_exponents` of each block of ``blocked`` (``(..., blocks, block)``).
+  """Each block's exponent, for ``blocked`` shaped ``(..., blocks, block)``: the one that
+  puts the block's largest magnitude, rounded to the code's precision (up, when rounding
+  can go up), in the code's top binade ``[1, 2)``.
 
   Rounding and taking the exponent are monotone, so the exponent of the rounded maximum
   is the maximum of the elements' exponents: XLA reduces one byte per element (which it

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amsgrad_jax._blockwise import Blockwise8
+from amsgrad_jax._rounding import ROUNDING_MODES
 from amsgrad_jax._rules import CONVENTIONS, RULES
 
 
@@ -222,7 +223,7 @@ def _short(items: Iterable[str], limit: int = 5) -> str:
 def check_rounding(mode: Any, name: str) -> None:
   """Raise ``ValueError`` for an unknown rounding mode (``param_rounding``,
   ``state_rounding``)."""
-  if mode not in ("nearest", "stochastic"):
+  if mode not in ROUNDING_MODES:
     raise ValueError(f'{name} must be "nearest" or "stochastic", got {mode!r}.')
 
 
