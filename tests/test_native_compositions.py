@@ -73,6 +73,16 @@ def _configurations() -> dict[str, object]:
       ),
     ),
     "chain(scale_by_adam, amsgrad)": lambda: optax.chain(optax.scale_by_adam(), a.amsgrad(1e-2)),
+    # Guards around what the check kernel cannot read: XLA checks, the kernel steps.
+    "skip_nonfinite(MultiSteps(amsgrad, 3))": lambda: a.skip_nonfinite(
+      optax.MultiSteps(a.amsgrad(1e-2), 3), 5
+    ),
+    "skip_nonfinite(masked(amsgrad))": lambda: a.skip_nonfinite(
+      optax.masked(a.amsgrad(1e-2), {k: k != "scale" for k in SHAPES}), 5
+    ),
+    "skip_nonfinite(multi_transform(amsgradw, amsgrad))": lambda: a.skip_nonfinite(
+      optax.multi_transform({"body": a.amsgradw(1e-3), "head": a.amsgrad(1e-2)}, LABELS), 5
+    ),
   }
 
 
@@ -117,6 +127,34 @@ def test_native_and_optax_paths_agree(name):
     assert jax.tree.structure(native_state) == jax.tree.structure(pure_state)
     worst = float(worst_ulps((native_params, native_state), (pure_params, pure_state)))
     assert worst <= ULPS, (name, step, worst)
+
+
+def test_the_guard_around_a_flat_state_steps_natively_as_the_tree_layout_does():
+  """The flat layout's kernel follows the tree layout's Optax path (XLA's own flat-buffer
+  step contracts its multiply-adds differently), so the guarded flat step is compared with
+  the guarded tree step, a rejected step included."""
+  tree_tx = amsgrad_jax.skip_nonfinite(amsgrad_jax.amsgradw(1e-2, weight_decay=0.1), 5)
+  flat_tx = amsgrad_jax.skip_nonfinite(
+    amsgrad_jax.amsgradw(1e-2, weight_decay=0.1, flat_state=True), 5
+  )
+  params = jax.tree.map(jnp.asarray, initial_params(np.float32, shapes=SHAPES))
+  tree_params, tree_state = params, tree_tx.init(params)
+  flat_params, flat_state = params, flat_tx.init(params)
+  native = jax.jit(lambda g, s, p: amsgrad_jax.apply_step(flat_tx, g, s, p))
+  pure = jax.jit(functools.partial(pure_step, tree_tx))
+  assert amsgrad_jax.native_status(flat_tx, flat_state, params).active
+  assert "amsgrad_jax_step_flat" in native.lower(params, flat_state, params).as_text()
+  for grads in _gradients(np.float32):
+    grads = jax.tree.map(jnp.asarray, grads)
+    flat_params, flat_state = native(grads, flat_state, flat_params)
+    tree_params, tree_state = pure(grads, tree_state, tree_params)
+    assert float(worst_ulps(flat_params, tree_params)) <= ULPS
+    flat_moments, tree_moments = flat_state.inner_state[0], tree_state.inner_state[0]
+    for name in ("mu", "nu", "nu_max"):
+      ours = getattr(flat_moments, name).leaves()
+      assert float(worst_ulps(ours, jax.tree.leaves(getattr(tree_moments, name)))) <= ULPS
+    assert int(flat_state.total_notfinite) == int(tree_state.total_notfinite)
+  assert int(flat_state.total_notfinite) == 1  # the NaN step was rejected
 
 
 def test_a_rejected_step_leaves_everything_bit_identical():
@@ -165,8 +203,10 @@ def test_a_clip_by_global_norm_in_front_is_a_scalar_of_the_kernel():
   [
     (lambda: optax.chain(amsgrad_jax.amsgrad(1e-2), optax.scale(0.5)), "optax.scale"),
     (
-      lambda: amsgrad_jax.skip_nonfinite(optax.MultiSteps(amsgrad_jax.amsgrad(1e-2), 2), 3),
-      "skip_nonfinite around",
+      lambda: amsgrad_jax.skip_nonfinite(
+        optax.chain(amsgrad_jax.amsgrad(1e-2), optax.add_decayed_weights(1e-3)), 3
+      ),
+      "optax.add_decayed_weights",
     ),
     (
       lambda: optax.apply_if_finite(amsgrad_jax.amsgrad(1e-2), 3),

@@ -434,10 +434,9 @@ def _finite_step(fn: Any, grads: Any, state: Any, params: Any, clip: Any) -> tup
   options = getattr(fn, OPTIONS_ATTRIBUTE, None)
   if isinstance(options, AliasOptions):
     decision = _plan(options, grads, state, params)
-    if isinstance(decision.opt_state[decision.amsgrad_index].mu, FlatMoment):
-      raise Unsupported("skip_nonfinite around an alias with flat_state=True")
-    if isinstance(decision.options.mu_dtype, Blockwise8):
-      raise Unsupported("skip_nonfinite around an alias with blockwise8 state")
+    moment = decision.opt_state[decision.amsgrad_index].mu
+    if isinstance(moment, FlatMoment) or isinstance(decision.options.mu_dtype, Blockwise8):
+      return _finite_by_xla(fn, grads, state, params, clip)
     return alias_check(decision, grads, params, clip), True
   kind = _optax_kind(fn)
   closure = inspect.getclosurevars(fn).nonlocals if kind is not None else {}
@@ -450,7 +449,19 @@ def _finite_step(fn: Any, grads: Any, state: Any, params: Any, clip: Any) -> tup
     new_state, inner_update = _injected(closure, state, params)
     finite, checked = _finite_step(inner_update, grads, state.inner_state, params, clip)
     return finite & _guard.all_finite(new_state.hyperparams), checked
-  raise Unsupported(f"skip_nonfinite around {_describe(fn)} does not run natively")
+  return _finite_by_xla(fn, grads, state, params, clip)
+
+
+def _finite_by_xla(
+  fn: Any, grads: Any, state: Any, params: Any, clip: Any
+) -> tuple[jax.Array, bool]:
+  """The guard's check for a step the check kernel cannot read (a flat or 8-bit state,
+  accumulation, masks, groups): the Optax path's step, reduced to one boolean exactly as
+  :func:`~amsgrad_jax.skip_nonfinite` reduces it. XLA fuses the step into its reductions
+  and writes nothing, so a rejected step still costs only this read."""
+  grads = materialize(grads, clip)
+  updates, new_state = fn(grads, state, params)
+  return _guard.all_finite(grads, updates, new_state), True
 
 
 _HANDLERS: dict[str, Callable[..., tuple]] = {
