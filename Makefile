@@ -50,6 +50,7 @@ docs-shots: docs
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+	$(PY) -m benchmarks.nnx
 
 # The memory and precision study (about 10 minutes on 2 cores): its table and plot go to
 # docs/_static, where the guide shows them; the creep of the stored maximum is printed.

@@ -95,3 +95,21 @@ def test_summary_gives_medians_over_rounds_ratios_and_the_share_of_the_limit() -
   # Adam moves 28 bytes where the limit's pass moves 36: 3.6 * 28 / 36 = 2.8 ms of 7.
   assert adam["limit_pct"] == pytest.approx(40.0)
   assert adam["limit_pct_range"] == pytest.approx([2.8 / 8 * 100, 2.8 / 6 * 100])
+
+
+def test_the_nnx_comparison_times_every_way_at_each_size(tmp_path: Path) -> None:
+  from benchmarks import nnx
+
+  command = [sys.executable, "-m", "benchmarks.nnx", "--quick", "--out", str(tmp_path)]
+  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  rows = json.loads((tmp_path / "nnx_results.json").read_text())
+  assert [row["parameters"] for row in rows] == [
+    nnx.INPUTS * w + w + w * w + w + w + 1 for w in nnx.WIDTHS[:2]
+  ]
+  for row in rows:
+    assert list(row["medians_s"]) == list(nnx.WAYS)
+    assert all(len(times) == 1 and times[0] > 0 for times in row["medians_s"].values())
+  lines = (tmp_path / "nnx_table.md").read_text().splitlines()
+  assert len(lines) == 2 + len(rows)
+  assert all(line.count("µs") == len(nnx.WAYS) for line in lines[2:])
