@@ -427,6 +427,38 @@ def test_sharded_step_runs_per_shard_without_collectives(axis_type):
     assert native[1][0].nu_max[name].sharding.is_equivalent_to(sharding, len(shapes[name]))
 
 
+@pytest.mark.host_devices
+def test_a_guarded_sharded_step_checks_and_steps_per_shard():
+  """Under skip_nonfinite the check is XLA's per-shard reduction and one all-reduce of a
+  flag; the kernel still steps each device's shards, and nothing is gathered."""
+  auto = jax.sharding.AxisType.Auto
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(auto, auto))
+  shardings = {"w": NamedSharding(mesh, P("data", "model")), "b": NamedSharding(mesh, P())}
+  rng = np.random.default_rng(3)
+  params = {"w": rng.standard_normal((64, 32)), "b": rng.standard_normal((32,))}
+  params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), shardings)
+  grads = jax.device_put(jax.tree.map(jnp.cos, params), shardings)
+  bad = {**grads, "w": grads["w"].at[5, 7].set(jnp.nan)}
+  tx = amsgrad_jax.skip_nonfinite(amsgrad_jax.amsgradw(1e-2, weight_decay=0.1), 3)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: amsgrad_jax.apply_step(tx, g, s, p))
+  compiled = step.lower(params, state, grads).compile()
+  text = compiled.as_text()
+  assert_native_in(text)
+  assert "f32[16,16]" in text  # the kernel sees one device's shard of w
+  assert [name for name in COLLECTIVES if name in text and name != "all-reduce"] == []
+  reduced = [line for line in text.splitlines() if re.search(r"= \S+ all-reduce(-start)?\(", line)]
+  assert all(re.search(r"= (pred|s32|f32|u8)\[\]", line) for line in reduced), reduced
+  pure = jax.jit(lambda p, s, g: pure_step(tx, g, s, p))
+  for g in (grads, bad, grads):
+    native = compiled(params, state, g)
+    expected = pure(params, state, g)
+    assert float(worst_ulps(native, expected)) <= ULPS
+    params, state = native
+  assert int(state.total_notfinite) == 1
+  assert params["w"].sharding.is_equivalent_to(shardings["w"], 2)
+
+
 def test_pmap_step_runs_per_device():
   devices = jax.local_device_count()
   tx = amsgrad_jax.amsgrad(1e-2, weight_decay=0.1)

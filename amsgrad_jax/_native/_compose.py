@@ -435,7 +435,11 @@ def _finite_step(fn: Any, grads: Any, state: Any, params: Any, clip: Any) -> tup
   if isinstance(options, AliasOptions):
     decision = _plan(options, grads, state, params)
     moment = decision.opt_state[decision.amsgrad_index].mu
-    if isinstance(moment, FlatMoment) or isinstance(decision.options.mu_dtype, Blockwise8):
+    if (
+      isinstance(moment, FlatMoment)
+      or isinstance(decision.options.mu_dtype, Blockwise8)
+      or jax.device_count() > 1  # XLA's reduction runs per shard, then one scalar all-reduce
+    ):
       return _finite_by_xla(fn, grads, state, params, clip)
     return alias_check(decision, grads, params, clip), True
   kind = _optax_kind(fn)
@@ -456,7 +460,8 @@ def _finite_by_xla(
   fn: Any, grads: Any, state: Any, params: Any, clip: Any
 ) -> tuple[jax.Array, bool]:
   """The guard's check for a step the check kernel cannot read (a flat or 8-bit state,
-  accumulation, masks, groups): the Optax path's step, reduced to one boolean exactly as
+  accumulation, masks, groups; sharded leaves, which XLA reduces per shard and the check
+  kernel would gather): the Optax path's step, reduced to one boolean exactly as
   :func:`~amsgrad_jax.skip_nonfinite` reduces it. XLA fuses the step into its reductions
   and writes nothing, so a rejected step still costs only this read."""
   grads = materialize(grads, clip)
