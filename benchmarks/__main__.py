@@ -1,7 +1,7 @@
 """``python -m benchmarks [--quick] [--rounds N] [--only NAME]... [--out DIR]``.
 
 Runs the contenders, prints the table, and writes ``bench_results.json`` and
-``bench_table.md`` into ``DIR`` (default: ``docs/_static``). The full run takes about 5
+``bench_table.md`` into ``DIR`` (default: ``docs/_static``). The full run takes about 11
 minutes on 2 idle CPU cores; ``--quick`` about 30 s.
 """
 

@@ -48,7 +48,7 @@ TINY_TRANSFORMER = {"vocab": 64, "width": 16, "depth": 1, "heads": 2, "mlp_ratio
 
 
 def full() -> Plan:
-  """``make bench``: three rounds, about 5 minutes on 2 idle CPU cores."""
+  """``make bench``: three rounds, about 11 minutes on 2 idle CPU cores."""
   from benchmarks import models  # Flax, only where the plan is made.
 
   return Plan(
