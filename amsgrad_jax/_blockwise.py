@@ -8,12 +8,11 @@ one power-of-two *scale* :math:`2^{e}` (``e`` an ``int8``). The stored value is
 
   x = \operatorname{decode}(c) \cdot 2^{e},
 
-where the code is a small floating-point number with ``M = 3`` mantissa bits and
-gradual underflow: ``sign + 4`` exponent bits for the first moment (``mu`` can be
-negative), ``5`` exponent bits for the second moment and its running maximum (never
-negative). The largest code is :math:`1.875`; the smallest nonzero one is
-:math:`2^{-17}` for ``mu`` and :math:`2^{-33}` for ``nu``. A block's exponent puts its
-largest element, rounded up, in the code's top binade, :math:`[1, 2)`.
+where the code is a small floating-point number with gradual underflow: for the first
+moment ``mu`` a sign, 4 exponent and 3 mantissa bits (largest :math:`1.875`, smallest
+nonzero :math:`2^{-17}`); for the running maximum ``nu_max`` 4 exponent and 4 mantissa
+bits, no sign (largest :math:`1.9375`, smallest nonzero :math:`2^{-18}`). A block's
+exponent puts its largest element, rounded up, in the code's top binade, :math:`[1, 2)`.
 
 Why a floating code and power-of-two scales: the values representable with exponent
 :math:`e' > e` are, below the largest value of exponent :math:`e`, a subset of those
@@ -28,14 +27,31 @@ algorithm's guarantee, and no division by zero) and at most one code step above 
 however often the scales change. With a linear code and arbitrary scales, every change
 of scale would round every element up again, and the maximum would creep upward.
 
+The second moment ``nu`` is stored *relative to the running maximum*: the code holds
+
+.. math::
+
+  s = 1 - \frac{a\,v}{\hat v} \in [0, 1],
+
+with :math:`a v` the second moment as the rule scales it for the maximum (:math:`a = 1`
+except for the Optax rule, whose maximum is of the bias-corrected :math:`v`) and
+:math:`\hat v` the new stored maximum, in the same 4-exponent, 4-mantissa code with
+exponent 0 (its block exponents are kept, all 0, so every moment has one layout). Where
+``nu`` is close to the maximum, the only place where it can raise it, :math:`s` is small
+and resolved to :math:`2^{-18}` of the maximum; far below it, the error cannot reach the
+step, which divides by the maximum. Stored on its own block scale with 3 mantissa bits,
+``nu``'s rounding noise (about 3% per step) is kept by the maximum at its peaks: the
+maximum of noisy gradients ended 22% above float32's at the median, and 2.4% stored
+relatively (``tests/test_blockwise.py``).
+
 ``mu`` and ``nu`` are rounded *stochastically*, to the code above or below with
 probabilities that make the stored value right in expectation. Rounded to nearest, their
 moving averages would stall: with 3 mantissa bits, ``0.9 * 0.75 + 0.1 * 1`` rounds back
 to ``0.75``, and with ``b2 = 0.999`` every step of ``nu`` is below half a code step. The
 random bits are a hash of ``rounding_seed``, the step count, the leaf and the element
 (:mod:`amsgrad_jax._rounding`): no random state, and a resumed run repeats them. Every
-operation of the encoding is exact integer or power-of-two arithmetic, so the native
-kernel reproduces it bit for bit.
+operation of the encoding is exact integer or power-of-two arithmetic, and the ratio is
+one correctly rounded float32 division, so the native kernel reproduces it bit for bit.
 
 Memory: one byte per element plus one per block, so :math:`3 (1 + 1/b)` bytes per
 parameter for the three buffers, with :math:`b` the block size (the last axis's length
@@ -131,9 +147,12 @@ class Code:
     return -126 - self.emin + self.mantissa_bits
 
 
-HIGHEST_SCALE = 126  # the largest block exponent: 2**e and 1.875 * 2**e stay finite
+HIGHEST_SCALE = 126  # the largest block exponent: 2**e and 1.9375 * 2**e stay finite
 MOMENT_CODE = Code(signed=True, exponent_bits=4)  # mu: sign, 4 exponent, 3 mantissa bits
-SQUARE_CODE = Code(signed=False, exponent_bits=5)  # nu and nu_max: 5 exponent, 3 mantissa
+MAXIMUM_CODE = Code(signed=False, exponent_bits=4, mantissa_bits=4)  # nu_max
+RATIO_CODE = Code(signed=False, exponent_bits=4, mantissa_bits=4)  # nu: 1 - nu / nu_max
+CODES = {"mu": MOMENT_CODE, "nu": RATIO_CODE, "nu_max": MAXIMUM_CODE}
+KINDS = tuple(CODES)
 
 
 @jax.tree_util.register_dataclass
@@ -146,13 +165,14 @@ class Blockwise8Array:
     exponents: ``int8``, one per block: the parameter's shape with its last axis
       replaced by the number of blocks along it (``(1,)`` for a scalar parameter).
     block_size: the format's block size (static).
-    signed: whether the code has a sign bit (``mu``) or not (``nu``, ``nu_max``) (static).
+    kind: which moment, ``"mu"``, ``"nu"`` or ``"nu_max"`` (static): it picks the code,
+      and ``"nu"`` stores ``1 - a v / nu_max`` with every exponent 0 (see above).
   """
 
   codes: jax.Array
   exponents: jax.Array
   block_size: int = field(metadata={"static": True})
-  signed: bool = field(metadata={"static": True})
+  kind: str = field(metadata={"static": True})
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -160,7 +180,7 @@ class Blockwise8Array:
 
   @property
   def code(self) -> Code:
-    return MOMENT_CODE if self.signed else SQUARE_CODE
+    return CODES[self.kind]
 
   @property
   def nbytes(self) -> int:
@@ -180,23 +200,24 @@ def exponents_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
   return (*shape[:-1], math.ceil(shape[-1] / block_length(shape, block_size)))
 
 
-def zeros_like_param(param: Any, block_size: int, signed: bool) -> Blockwise8Array:
-  """A stored zero moment for ``param`` (every exponent the lowest, as encoding zeros
-  gives), placed like ``param``: the codes share its sharding, and the exponents are split
-  the same way, which keeps every block inside one shard.
+def zeros_like_param(param: Any, block_size: int, kind: str) -> Blockwise8Array:
+  """A stored zero moment ``kind`` for ``param``, placed like ``param``: the codes share
+  its sharding, and the exponents are split the same way, which keeps every block inside
+  one shard. Every exponent is the lowest, as encoding zeros gives (0 for ``nu``, whose
+  zero codes with a zero maximum decode to 0).
 
   Raises:
     ValueError: when ``param`` is split along its last axis into pieces that are not a
       whole number of blocks.
   """
   shape = tuple(np.shape(param))
-  code = MOMENT_CODE if signed else SQUARE_CODE
+  lowest = 0 if kind == "nu" else CODES[kind].lowest_scale
   codes = _numerics.zeros_like_param(param, np.dtype(np.uint8))
   placement = _exponents_sharding(param, block_size)
-  exponents = jnp.full(exponents_shape(shape, block_size), code.lowest_scale, jnp.int8)
+  exponents = jnp.full(exponents_shape(shape, block_size), lowest, jnp.int8)
   if placement is not None:
     exponents = jax.device_put(exponents, placement)
-  return Blockwise8Array(codes, exponents, block_size, signed)
+  return Blockwise8Array(codes, exponents, block_size, kind)
 
 
 def _exponents_sharding(param: Any, block_size: int) -> Any:
@@ -363,32 +384,60 @@ def _unblocked(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def dequantize(q: Blockwise8Array) -> jax.Array:
-  """The float32 values a stored moment holds."""
+  """The float32 values a stored ``mu`` or ``nu_max`` holds (``nu``: :func:`dequantize_nu`)."""
+  if q.kind == "nu":
+    raise ValueError("a blockwise8 nu is stored relative to nu_max: use dequantize_nu")
   block = block_length(q.shape, q.block_size)
   values = decode(_blocked(q.codes, block), q.exponents[..., None], q.code)
   return _unblocked(values, q.shape)
 
 
+def dequantize_nu(nu: Blockwise8Array, nu_max: jax.Array, nu_scale_before: Any) -> jax.Array:
+  """The float32 second moment ``v = (1 - s) * nu_max / a``: ``s`` the stored code,
+  ``nu_max`` the decoded running maximum it was stored against and ``1 / a``
+  (``nu_scale_before``) the inverse of the rule's scale at the step that stored it.
+  ``1 - s`` is exact (``s`` has 5 significant bits and is at least ``2**-18``)."""
+  ratio = np.float32(1.0) - decode(nu.codes, jnp.zeros((), jnp.int32), RATIO_CODE)
+  return ratio * nu_max * nu_scale_before
+
+
+def quantize_nu(
+  scaled_nu: jax.Array, nu_max: jax.Array, block_size: int, bits: jax.Array | None = None
+) -> Blockwise8Array:
+  """Store the second moment relative to the new running maximum: ``s = 1 - r`` with
+  ``r = a v / nu_max`` (``scaled_nu`` is ``a v``, ``nu_max`` the decoded stored maximum,
+  so ``0 <= r <= 1``; ``r = 0`` where the maximum is 0), rounded stochastically with
+  ``bits`` or else to nearest. Near ``r = 1``, where ``nu`` can raise the maximum, the code
+  resolves ``r`` to within ``2**-18``; far below, its error does not reach the step."""
+  ratio = jnp.where(nu_max > 0, scaled_nu / jnp.where(nu_max > 0, nu_max, 1), 0)
+  complement = np.float32(1.0) - ratio.astype(jnp.float32)
+  codes = encode(complement, jnp.zeros((), jnp.int32), RATIO_CODE, False, bits)
+  shape = tuple(scaled_nu.shape)
+  exponents = jnp.zeros(exponents_shape(shape, block_size), jnp.int8)
+  return Blockwise8Array(codes, exponents, block_size, "nu")
+
+
 def quantize(
   x: jax.Array,
   block_size: int,
-  signed: bool,
+  kind: str,
   upward: bool = False,
   bits: jax.Array | None = None,
 ) -> Blockwise8Array:
-  """Store float32 ``x``: to nearest, toward +infinity (``upward``, for the running
-  maximum), or stochastically with the random ``bits`` (``uint32``, shaped like ``x``).
+  """Store float32 ``x`` as the moment ``kind`` (``"mu"`` or ``"nu_max"``): to nearest,
+  toward +infinity (``upward``, for the running maximum), or stochastically with the
+  random ``bits`` (``uint32``, shaped like ``x``).
 
   A block's exponent fits its largest element rounded up when the rounding can go up
   (upward or stochastically), else rounded to nearest."""
-  code = MOMENT_CODE if signed else SQUARE_CODE
+  code = CODES[kind]
   shape = tuple(x.shape)
   block = block_length(shape, block_size)
   blocked = _blocked(x, block)
   exponent = blocks_exponents(blocked, code, upward or bits is not None)
   blocked_bits = None if bits is None else _blocked(bits, block)
   codes = encode(blocked, exponent[..., None], code, upward, blocked_bits)
-  return Blockwise8Array(_unblocked(codes, shape), exponent.astype(jnp.int8), block_size, signed)
+  return Blockwise8Array(_unblocked(codes, shape), exponent.astype(jnp.int8), block_size, kind)
 
 
 def is_blockwise(x: Any) -> bool:

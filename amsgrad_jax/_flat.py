@@ -129,7 +129,7 @@ class FlatMoment:
           _slice(buffer.codes, offset, shape),
           _slice(buffer.exponents, start, blocks),
           buffer.block_size,
-          buffer.signed,
+          buffer.kind,
         )
       )
     return leaves
@@ -147,7 +147,7 @@ class FlatMoment:
           _concatenate([part.codes for part in parts]),
           _concatenate([part.exponents for part in parts]),
           parts[0].block_size,
-          parts[0].signed,
+          parts[0].kind,
         )
       else:
         buffers[group] = _concatenate(parts)
@@ -163,9 +163,9 @@ def _concatenate(parts: list[jax.Array]) -> jax.Array:
   return raveled[0] if len(raveled) == 1 else jnp.concatenate(raveled)
 
 
-def flat_zeros(layout: FlatLayout, dtype_of: dict[str, Any], signed: bool) -> FlatMoment:
-  """Zeros in every group, group ``g`` stored in ``dtype_of[g]`` (a dtype, or a
-  :class:`~amsgrad_jax.Blockwise8` format, whose ``mu`` code is ``signed``)."""
+def flat_zeros(layout: FlatLayout, dtype_of: dict[str, Any], kind: str) -> FlatMoment:
+  """Zeros of the moment ``kind`` in every group, group ``g`` stored in ``dtype_of[g]``
+  (a dtype, or a :class:`~amsgrad_jax.Blockwise8` format)."""
   buffers: dict[str, Any] = {}
   for group, size in layout.sizes().items():
     stored = dtype_of[group]
@@ -173,7 +173,7 @@ def flat_zeros(layout: FlatLayout, dtype_of: dict[str, Any], signed: bool) -> Fl
       buffers[group] = jnp.zeros((size,), stored)
       continue
     parts = [
-      _blockwise_zeros_like(jax.ShapeDtypeStruct(shape, np.float32), stored.block_size, signed)
+      _blockwise_zeros_like(jax.ShapeDtypeStruct(shape, np.float32), stored.block_size, kind)
       for shape, leaf_group in layout.leaf_specs()
       if leaf_group == group
     ]
@@ -181,7 +181,7 @@ def flat_zeros(layout: FlatLayout, dtype_of: dict[str, Any], signed: bool) -> Fl
       _concatenate([part.codes for part in parts]),
       _concatenate([part.exponents for part in parts]),
       stored.block_size,
-      signed,
+      kind,
     )
   return FlatMoment(buffers, layout)
 

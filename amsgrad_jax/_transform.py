@@ -47,6 +47,7 @@ class StepScalars(NamedTuple):
   eps: jax.Array
   eps_root: jax.Array
   coefficients: Coefficients
+  nu_unscale_before: jax.Array | float  # 1 / a of the step before (decodes a blockwise8 nu)
 
 
 def step_scalars(options: TransformOptions, count: jax.Array, dtype: Any) -> StepScalars:
@@ -55,7 +56,13 @@ def step_scalars(options: TransformOptions, count: jax.Array, dtype: Any) -> Ste
   bc1, bc2 = _numerics.bias_corrections(
     options.b1, options.b2, count, dtype, from_double=rule.bias_correction_from_double
   )
+  before = rule.coefficients(
+    *_numerics.bias_corrections(
+      options.b1, options.b2, count - 1, dtype, from_double=rule.bias_correction_from_double
+    )
+  ).nu_scale
   return StepScalars(
+    nu_unscale_before=1.0 if isinstance(before, float) and before == 1.0 else 1.0 / before,
     b1=jnp.asarray(options.b1, dtype),
     b2=jnp.asarray(options.b2, dtype),
     one_minus_b1=_numerics.one_minus(options.b1, dtype),
@@ -145,13 +152,15 @@ def _blockwise_leaf_update(
   g: jax.Array, mu: Any, nu: Any, nu_max: Any, scalars_for: Any, state_bits: Any
 ) -> tuple[jax.Array, Any, Any, Any]:
   """:func:`leaf_update` where a moment is stored in :func:`~amsgrad_jax.blockwise8`:
-  float32 arithmetic on the decoded values, ``mu`` and ``nu`` rounded stochastically with
-  random bits (their low and high 16 bits; to nearest when ``state_bits`` is ``None``),
-  so that their moving averages keep the small steps a 3-bit mantissa would round away,
-  and the running maximum rounded up (see :mod:`amsgrad_jax._blockwise`)."""
+  float32 arithmetic on the decoded values; ``mu`` rounded stochastically with the random
+  bits' low 16 bits (to nearest when ``state_bits`` is ``None``), so that its moving
+  average keeps the small steps a 3-bit mantissa would round away; the running maximum
+  rounded up; ``nu`` stored relative to the new maximum, rounded with the high 16 bits
+  (see :mod:`amsgrad_jax._blockwise`)."""
   bits = None if state_bits is None else state_bits(g.shape)
   widths = [x.dtype for x in (g, mu, nu, nu_max) if not _blockwise.is_blockwise(x)]
   dtype = _numerics.compute_dtype(*widths)
+  s = scalars_for(dtype)
 
   def load(x: Any) -> jax.Array:
     return _blockwise.dequantize(x).astype(dtype) if _blockwise.is_blockwise(x) else x.astype(dtype)
@@ -160,17 +169,30 @@ def _blockwise_leaf_update(
     if not _blockwise.is_blockwise(like):
       return _numerics.cast_rounding_up(value, like.dtype) if upward else value.astype(like.dtype)
     narrow = _numerics.cast_rounding_up(value, jnp.float32) if upward else value.astype(jnp.float32)
-    return _blockwise.quantize(narrow, like.block_size, like.signed, upward, random)
+    return _blockwise.quantize(narrow, like.block_size, like.kind, upward, random)
 
+  nu_max_before = load(nu_max)
+  relative = _blockwise.is_blockwise(nu)
+  if relative:
+    nu_before = _blockwise.dequantize_nu(
+      nu, nu_max_before.astype(jnp.float32), s.nu_unscale_before
+    ).astype(dtype)
+  else:
+    nu_before = nu.astype(dtype)
   (update,), (mu_c,), nu_c, nu_max_c = _moments_and_step(
-    [g.astype(dtype)], [load(mu)], load(nu), load(nu_max), scalars_for(dtype)
+    [g.astype(dtype)], [load(mu)], nu_before, nu_max_before, s
   )
-  return (
-    update.astype(g.dtype),
-    store(mu_c, mu, upward=False, random=bits),
-    store(nu_c, nu, upward=False, random=None if bits is None else bits >> 16),
-    store(nu_max_c, nu_max, upward=True),
-  )
+  new_nu_max = store(nu_max_c, nu_max, upward=True)
+  nu_bits = None if bits is None else bits >> 16
+  if relative:
+    a = s.coefficients.nu_scale
+    scaled = nu_c if isinstance(a, float) and a == 1.0 else a * nu_c
+    new_nu = _blockwise.quantize_nu(
+      scaled.astype(jnp.float32), _blockwise.dequantize(new_nu_max), nu.block_size, nu_bits
+    )
+  else:
+    new_nu = store(nu_c, nu, upward=False, random=nu_bits)
+  return (update.astype(g.dtype), store(mu_c, mu, upward=False, random=bits), new_nu, new_nu_max)
 
 
 def _parts(x: jax.Array, dtype: Any) -> list[jax.Array]:
@@ -250,20 +272,20 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
     if options.flat_state:
       return _flat_init(params, mu_dtype, nu_dtype)
 
-    def zeros(dtype: Any, signed: bool) -> optax.Updates:
+    def zeros(dtype: Any, kind: str) -> optax.Updates:
       def leaf(p: Any) -> Any:
         stored = _numerics.state_dtype(_numerics.leaf_dtype(p), dtype)
         if isinstance(stored, Blockwise8):
-          return _blockwise.zeros_like_param(p, stored.block_size, signed)
+          return _blockwise.zeros_like_param(p, stored.block_size, kind)
         return _numerics.zeros_like_param(p, stored)
 
       return jax.tree.map(leaf, params)
 
     return ScaleByAmsgradState(
       count=jnp.zeros([], jnp.int32),
-      mu=zeros(mu_dtype, signed=True),
-      nu=zeros(nu_dtype, signed=False),
-      nu_max=zeros(nu_dtype, signed=False),
+      mu=zeros(mu_dtype, "mu"),
+      nu=zeros(nu_dtype, "nu"),
+      nu_max=zeros(nu_dtype, "nu_max"),
     )
 
   def update_fn(
@@ -328,13 +350,13 @@ def _flat_init(params: optax.Params, mu_dtype: Any, nu_dtype: Any) -> ScaleByAms
   layout = FlatLayout.of(leaves, treedef, dtypes)
   by_group = {dtype.name: dtype for dtype in dtypes}
 
-  def zeros(requested: Any, signed: bool) -> FlatMoment:
+  def zeros(requested: Any, kind: str) -> FlatMoment:
     stored = {name: _numerics.state_dtype(dtype, requested) for name, dtype in by_group.items()}
-    return flat_zeros(layout, stored, signed)
+    return flat_zeros(layout, stored, kind)
 
   return ScaleByAmsgradState(
     count=jnp.zeros([], jnp.int32),
-    mu=zeros(mu_dtype, signed=True),
-    nu=zeros(nu_dtype, signed=False),
-    nu_max=zeros(nu_dtype, signed=False),
+    mu=zeros(mu_dtype, "mu"),
+    nu=zeros(nu_dtype, "nu"),
+    nu_max=zeros(nu_dtype, "nu_max"),
   )

@@ -29,7 +29,7 @@ def simulate(steps: int, seed: int = 0, shape: tuple[int, int] = (256, 256)) -> 
   b2 = np.float32(0.999)
   nu = np.zeros(shape, np.float32)
   true_max = np.zeros(shape, np.float32)
-  ours = bw.quantize(jnp.zeros(shape), 256, False, True)
+  ours = bw.quantize(jnp.zeros(shape), 256, "nu_max", True)
   codes, scales = np.zeros(shape), np.zeros(shape[0], np.float32)
   # each row (a block) has its own drifting gradient scale, with occasional spikes
   log_scale = rng.normal(0.0, 2.0, (shape[0], 1))
@@ -39,7 +39,7 @@ def simulate(steps: int, seed: int = 0, shape: tuple[int, int] = (256, 256)) -> 
     g = rng.standard_normal(shape) * np.exp(log_scale) * spikes
     nu = (b2 * nu + (1 - b2) * g * g).astype(np.float32)
     true_max = np.maximum(true_max, nu)
-    ours = bw.quantize(jnp.maximum(bw.dequantize(ours), jnp.asarray(nu)), 256, False, True)
+    ours = bw.quantize(jnp.maximum(bw.dequantize(ours), jnp.asarray(nu)), 256, "nu_max", True)
     values = np.maximum(codes / 255.0 * scales[:, None], nu).astype(np.float32)
     scales = values.max(axis=1).astype(np.float32)
     safe = np.where(scales > 0, scales, 1.0)

@@ -22,7 +22,8 @@ import amsgrad_jax
 from amsgrad_jax import _blockwise as bw
 from amsgrad_jax import blockwise8
 
-CODES = [bw.MOMENT_CODE, bw.SQUARE_CODE]
+CODES = [bw.MOMENT_CODE, bw.MAXIMUM_CODE, bw.RATIO_CODE]
+CODE_IDS = ["mu", "nu_max", "nu"]
 
 
 def blockwise_tx(alias=amsgrad_jax.amsgrad, block_size=256, **kwargs):
@@ -33,7 +34,7 @@ def blockwise_tx(alias=amsgrad_jax.amsgrad, block_size=256, **kwargs):
 # ---- the codes ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", CODES, ids=["mu", "nu"])
+@pytest.mark.parametrize("code", CODES, ids=CODE_IDS)
 @pytest.mark.parametrize("exponent", [None, -20, 0, 37, 126])
 def test_every_code_decodes_and_encodes_back_to_itself(code, exponent):
   exponent = code.lowest_scale if exponent is None else exponent
@@ -47,12 +48,12 @@ def test_every_code_decodes_and_encodes_back_to_itself(code, exponent):
     assert np.array_equal(back[valid & ~negative_zero], np.asarray(codes)[valid & ~negative_zero])
 
 
-@pytest.mark.parametrize("code", CODES, ids=["mu", "nu"])
-def test_codes_are_monotone_and_the_largest_is_1_875(code):
+@pytest.mark.parametrize("code", CODES, ids=CODE_IDS)
+def test_codes_are_monotone_and_the_largest_is_one_spacing_below_2(code):
   magnitudes = jnp.arange(code.largest + 1, dtype=jnp.uint8)
   values = np.asarray(bw.decode(magnitudes, jnp.int32(0), code))
   assert np.all(np.diff(values) > 0)
-  assert values[-1] == 1.875
+  assert values[-1] == 2.0 - 2.0**-code.mantissa_bits
   assert values[1] == 2.0 ** (code.emin - code.mantissa_bits)
 
 
@@ -61,18 +62,18 @@ def test_encoding_rounds_to_nearest_and_upward_brackets_the_value():
   x = jnp.asarray(
     np.abs(rng.standard_normal(4096)) * np.exp(rng.uniform(-20, 5, 4096)), jnp.float32
   )
-  exponent = bw.blocks_exponents(x[None, :], bw.SQUARE_CODE, upward=True)[0]
-  up = bw.decode(bw.encode(x, exponent, bw.SQUARE_CODE, True), exponent, bw.SQUARE_CODE)
-  near = bw.decode(bw.encode(x, exponent, bw.SQUARE_CODE, False), exponent, bw.SQUARE_CODE)
+  exponent = bw.blocks_exponents(x[None, :], bw.MAXIMUM_CODE, upward=True)[0]
+  up = bw.decode(bw.encode(x, exponent, bw.MAXIMUM_CODE, True), exponent, bw.MAXIMUM_CODE)
+  near = bw.decode(bw.encode(x, exponent, bw.MAXIMUM_CODE, False), exponent, bw.MAXIMUM_CODE)
   assert bool(jnp.all(up >= x))
   assert bool(jnp.all(jnp.abs(near - x) <= jnp.abs(up - x) + 1e-45))
   below = jnp.where(up > x, up, jnp.inf)  # the code below `up` is under x wherever up > x
-  codes = bw.encode(x, exponent, bw.SQUARE_CODE, True)
-  previous = bw.decode(jnp.maximum(codes, 1) - 1, exponent, bw.SQUARE_CODE)
+  codes = bw.encode(x, exponent, bw.MAXIMUM_CODE, True)
+  previous = bw.decode(jnp.maximum(codes, 1) - 1, exponent, bw.MAXIMUM_CODE)
   assert bool(jnp.all(jnp.where(jnp.isfinite(below) & (codes > 0), previous < x, True)))
 
 
-@pytest.mark.parametrize("code", CODES, ids=["mu", "nu"])
+@pytest.mark.parametrize("code", CODES, ids=CODE_IDS)
 def test_stochastic_encoding_is_unbiased_between_neighbouring_codes(code):
   n = 200_000
   exponent = jnp.int32(0)
@@ -89,9 +90,9 @@ def test_stochastic_encoding_is_unbiased_between_neighbouring_codes(code):
 
 @pytest.mark.parametrize("stored", ["both", "mu", "nu"])
 def test_moving_averages_do_not_stall_in_8_bits(stored):
-  """Rounded to nearest, 3 mantissa bits would hold mu at 0.75 and nu near 0.02 under a
-  constant gradient of 1; rounded stochastically they follow float32's, whichever of the
-  two moments is stored in 8 bits."""
+  """Rounded to nearest, 3 mantissa bits would hold mu at 0.75 under a constant gradient
+  of 1; rounded stochastically mu and nu follow float32's, whichever of the two moments
+  is stored in 8 bits."""
   fmt = blockwise8()
   tx = amsgrad_jax.scale_by_amsgrad(
     mu_dtype=fmt if stored in ("both", "mu") else None,
@@ -105,10 +106,73 @@ def test_moving_averages_do_not_stall_in_8_bits(stored):
     _, state = update({"w": jnp.ones((4, 256))}, state)
     _, expected = update_reference({"w": jnp.ones((4, 256))}, expected)
   for name, tolerance in (("mu", 0.02), ("nu", 0.05)):
-    moment = getattr(state, name)["w"]
-    got = float(jnp.mean(bw.dequantize(moment) if bw.is_blockwise(moment) else moment))
+    got = float(jnp.mean(_decoded(state, name)["w"]))
     want = float(jnp.mean(getattr(expected, name)["w"]))
     assert abs(got - want) < tolerance * want, (name, got, want)
+
+
+def _decoded(state, name):
+  """A moment of a (pytorch-rule) state as float32, whatever its storage."""
+  moment = getattr(state, name)
+  if name == "nu" and bw.is_blockwise(jax.tree.leaves(moment, is_leaf=bw.is_blockwise)[0]):
+    return jax.tree.map(
+      lambda nu, nu_max: bw.dequantize_nu(nu, bw.dequantize(nu_max), 1.0),
+      moment,
+      state.nu_max,
+      is_leaf=bw.is_blockwise,
+    )
+  return jax.tree.map(
+    lambda x: bw.dequantize(x) if bw.is_blockwise(x) else x, moment, is_leaf=bw.is_blockwise
+  )
+
+
+def test_nu_is_stored_relative_to_the_maximum_and_never_exceeds_it():
+  """nu decodes as (1 - code) * nu_max: never above the stored maximum, exactly 0 where the
+  maximum is 0, and resolved to 2**-18 of the maximum near it."""
+  rng = np.random.default_rng(4)
+  shape = (4, 300)
+  scaled_nu = jnp.asarray(np.abs(rng.standard_normal(shape)) * np.exp(rng.uniform(-20, 5, shape)))
+  scaled_nu = scaled_nu.astype(jnp.float32).at[0, :7].set(0.0)
+  nu_max = bw.quantize(jnp.maximum(scaled_nu, 0.0), 256, "nu_max", upward=True)
+  maximum = bw.dequantize(nu_max)
+  for bits in (None, jax.random.bits(jax.random.key(1), shape, jnp.uint32)):
+    nu = bw.quantize_nu(scaled_nu, maximum, 256, bits)
+    assert nu.kind == "nu"
+    assert not np.any(np.asarray(nu.exponents))
+    decoded = bw.dequantize_nu(nu, maximum, 1.0)
+    assert bool(jnp.all(decoded <= maximum))
+    assert bool(jnp.all(jnp.where(maximum == 0, decoded == 0, True)))
+    ratio = scaled_nu / jnp.where(maximum > 0, maximum, 1.0)
+    near = ratio > 0.5  # 1 - r below 1/2: a code spacing is at most 2**-4 of 1 - r
+    error = jnp.abs(decoded - scaled_nu) / jnp.where(maximum > 0, maximum, 1.0)
+    bound = 2.0**-4 * (1 - ratio) + 2.0**-18 + 1e-6
+    assert bool(jnp.all(jnp.where(near, error <= bound, True)))
+  with pytest.raises(ValueError, match="dequantize_nu"):
+    bw.dequantize(nu)
+
+
+def test_the_maximum_of_a_noisy_second_moment_stays_close_to_float32s():
+  """Under noisy gradients of a constant scale, nu's rounding noise would accumulate in its
+  moving average and the running maximum would keep its peaks. Stored relative to the
+  maximum, nu is resolved finely where it can raise it: after 3,000 steps the stored
+  maximum is within 4% of float32's at the median (2.4% here; 22% above with nu stored on
+  its own block scale with a 3-bit mantissa)."""
+  fmt = blockwise8()
+  shape = (8, 256)
+  scales = jnp.exp(jnp.linspace(-3.0, 3.0, shape[0]))[None, :, None]
+  grads = jax.random.normal(jax.random.key(5), (3000, *shape)) * scales
+
+  def final_max(tx):
+    def body(state, g):
+      return tx.update({"w": g}, state)[1], None
+
+    state = jax.lax.scan(body, tx.init({"w": jnp.zeros(shape)}), grads)[0]
+    return _decoded(state, "nu_max")["w"]
+
+  ours = final_max(amsgrad_jax.scale_by_amsgrad(mu_dtype=fmt, nu_dtype=fmt))
+  reference = final_max(amsgrad_jax.scale_by_amsgrad())
+  ratio = np.asarray(ours / reference)
+  assert 0.96 < np.median(ratio) < 1.04, np.median(ratio)
 
 
 # ---- the running maximum --------------------------------------------------------------------
@@ -116,7 +180,7 @@ def test_moving_averages_do_not_stall_in_8_bits(stored):
 
 def _store_max(stored, new_values, block_size):
   """One step of the running maximum, exactly as the optimizer stores it."""
-  return bw.quantize(jnp.maximum(bw.dequantize(stored), new_values), block_size, False, True)
+  return bw.quantize(jnp.maximum(bw.dequantize(stored), new_values), block_size, "nu_max", True)
 
 
 def _ceil_on_grid(true_max, stored):
@@ -151,7 +215,7 @@ def test_stored_maximum_is_the_true_one_rounded_up_once(seed, steps, growth, blo
   rng = np.random.default_rng(seed)
   shape = (3, 300)
   true_max = np.zeros(shape, np.float32)
-  stored = bw.quantize(jnp.zeros(shape), block_size, False, True)
+  stored = bw.quantize(jnp.zeros(shape), block_size, "nu_max", True)
   for t in range(steps):
     magnitude = np.exp(growth * t + rng.uniform(-25, 5, shape))  # scales grow and jump
     new = (rng.standard_normal(shape) ** 2 * magnitude).astype(np.float32)
@@ -169,7 +233,7 @@ def test_linear_code_creeps_where_blockwise8_does_not():
   rng = np.random.default_rng(1)
   shape = (64, 256)
   true_max = np.zeros(shape, np.float32)
-  stored = bw.quantize(jnp.zeros(shape), 256, False, True)
+  stored = bw.quantize(jnp.zeros(shape), 256, "nu_max", True)
   codes, scales = np.zeros(shape), np.zeros(shape[0], np.float32)
   for t in range(200):
     new = (rng.standard_normal(shape) ** 2 * np.exp(0.05 * t)).astype(np.float32)

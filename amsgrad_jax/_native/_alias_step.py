@@ -125,6 +125,7 @@ def _scalars(plan: Plan, clip: GradScale | None) -> Callable[..., jax.Array]:
       "eps": s.eps,
       "eps_root": s.eps_root,
       **s.coefficients._asdict(),
+      "nu_unscale_before": s.nu_unscale_before,
       "neg_lr": step_size(param_dtype),
       # add_decayed_weights multiplies the parameter by the number, in its dtype.
       "weight_decay": in_param_dtype(options.weight_decay),
@@ -221,7 +222,7 @@ def _blockwise_call(
   results = []
   for (_, _, *stored), (p, *parts) in zip(leaves, outputs, strict=True):
     new = [
-      Blockwise8Array(codes, exponents, m.block_size, m.signed)
+      Blockwise8Array(codes, exponents, m.block_size, m.kind)
       for m, codes, exponents in zip(stored, parts[0::2], parts[1::2], strict=True)
     ]
     results.append((p, *new))

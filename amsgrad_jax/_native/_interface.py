@@ -64,6 +64,7 @@ SCALARS = (
   "nu_scale",  # the rule's a
   "mu_scale",  # the rule's b
   "root_scale",  # the rule's d
+  "nu_unscale_before",  # 1 / a of the step before: a blockwise8 nu is (1 - code) * nu_max / a
   "neg_lr",  # -learning rate, rounded to the parameter dtype
   "weight_decay",  # rounded to the parameter dtype
   # A global-norm clip in front: g -> (g / divisor) * multiplier, each rounded to the
@@ -112,13 +113,11 @@ class Rounding(enum.IntEnum):
 def _constants() -> dict[str, int]:
   """The numbers the kernel shares with the Optax path: the codes, the hash."""
   return {
-    "code_mantissa_bits": _blockwise.MOMENT_CODE.mantissa_bits,
-    "moment_code_emin": _blockwise.MOMENT_CODE.emin,
-    "moment_code_largest": _blockwise.MOMENT_CODE.largest,
-    "moment_code_lowest_scale": _blockwise.MOMENT_CODE.lowest_scale,
-    "square_code_emin": _blockwise.SQUARE_CODE.emin,
-    "square_code_largest": _blockwise.SQUARE_CODE.largest,
-    "square_code_lowest_scale": _blockwise.SQUARE_CODE.lowest_scale,
+    **{
+      f"{kind}_code_{name}": getattr(code, name)
+      for kind, code in _blockwise.CODES.items()
+      for name in ("mantissa_bits", "emin", "largest", "lowest_scale")
+    },
     "code_highest_scale": _blockwise.HIGHEST_SCALE,
     "round_leaf_multiplier": int(_rounding.LEAF_MULTIPLIER),
     "round_state_salt": _rounding.STATE_SALT,

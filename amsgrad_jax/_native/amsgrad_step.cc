@@ -174,8 +174,10 @@ inline bf16 StochasticBf16(float x, uint32_t random) {
 //
 // Written without branches or library calls, so that the per-element loops vectorise.
 
+// The bits of a non-negative float rounded to kMantissaBits bits: up, or to nearest even.
+template <int kMantissaBits>
 inline uint32_t RoundMantissa(uint32_t bits, bool upward) {
-  constexpr int kShift = 23 - kCodeMantissaBits;
+  constexpr int kShift = 23 - kMantissaBits;
   constexpr uint32_t kLow = (1u << kShift) - 1;
   constexpr uint32_t kHalf = (1u << (kShift - 1)) - 1;
   return upward ? (bits + kLow) & ~kLow : (bits + kHalf + ((bits >> kShift) & 1u)) & ~kLow;
@@ -191,33 +193,45 @@ constexpr float PowerOfTwo(int e) {
 
 inline float PowerOfTwoBits(int e) { return BitsToFloat(static_cast<uint32_t>(e + 127) << 23); }
 
-// The code of mu (signed) or of nu and nu_max (unsigned).
-template <bool kSigned>
+// The codes of the three moments: mu (signed), nu (1 - a v / nu_max, scale 1) and nu_max.
+enum CodeKind : int { kMu = 0, kNu = 1, kNuMax = 2 };
+
+template <int kKind>
 struct CodeOf {
-  static constexpr int kEmin = kSigned ? kMomentCodeEmin : kSquareCodeEmin;
-  static constexpr int kLargest = kSigned ? kMomentCodeLargest : kSquareCodeLargest;
-  static constexpr int kLowestScale = kSigned ? kMomentCodeLowestScale : kSquareCodeLowestScale;
+  static constexpr bool kSigned = kKind == kMu;
+  static constexpr int kMantissaBits = kKind == kMu   ? kMuCodeMantissaBits
+                                       : kKind == kNu ? kNuCodeMantissaBits
+                                                      : kNuMaxCodeMantissaBits;
+  static constexpr int kEmin = kKind == kMu ? kMuCodeEmin : kKind == kNu ? kNuCodeEmin : kNuMaxCodeEmin;
+  static constexpr int kLargest = kKind == kMu   ? kMuCodeLargest
+                                  : kKind == kNu ? kNuCodeLargest
+                                                 : kNuMaxCodeLargest;
+  static constexpr int kLowestScale = kKind == kMu   ? kMuCodeLowestScale
+                                      : kKind == kNu ? kNuCodeLowestScale
+                                                     : kNuMaxCodeLowestScale;
   static constexpr float kSmallestNormal = PowerOfTwo(kEmin);
-  static constexpr float kSubnormalUnit = PowerOfTwo(kEmin - kCodeMantissaBits);
-  static constexpr float kPerSubnormalUnit = PowerOfTwo(kCodeMantissaBits - kEmin);
+  static constexpr float kSubnormalUnit = PowerOfTwo(kEmin - kMantissaBits);
+  static constexpr float kPerSubnormalUnit = PowerOfTwo(kMantissaBits - kEmin);
 };
 
 // A block's exponent from the float32 bits of its largest magnitude (as _blockwise.py).
-template <bool kSigned>
+template <int kKind>
 inline int BlockExponent(uint32_t amax_bits, bool upward) {
-  const int exponent = static_cast<int>((RoundMantissa(amax_bits, upward) >> 23) & 0xFFu) - 127;
-  return std::clamp(exponent, CodeOf<kSigned>::kLowestScale, kCodeHighestScale);
+  using Code = CodeOf<kKind>;
+  const uint32_t rounded = RoundMantissa<Code::kMantissaBits>(amax_bits, upward);
+  const int exponent = static_cast<int>((rounded >> 23) & 0xFFu) - 127;
+  return std::clamp(exponent, Code::kLowestScale, kCodeHighestScale);
 }
 
 // |x| as float32 bits: unsigned order is the order of the magnitudes (a NaN above all).
 inline uint32_t MagnitudeBits(float x) { return FloatToBits(x) & 0x7FFFFFFFu; }
 
-template <bool kSigned, bool kUpward>
+template <int kKind, bool kUpward>
 inline uint8_t Encode(float x, float inverse_scale) {
-  using Code = CodeOf<kSigned>;
-  constexpr int m = kCodeMantissaBits;
+  using Code = CodeOf<kKind>;
+  constexpr int m = Code::kMantissaBits;
   const float scaled = std::fabs(x) * inverse_scale;
-  const uint32_t rounded = RoundMantissa(FloatToBits(scaled), kUpward);
+  const uint32_t rounded = RoundMantissa<m>(FloatToBits(scaled), kUpward);
   const int32_t normal = static_cast<int32_t>(rounded >> (23 - m)) - ((127 + Code::kEmin - 1) << m);
   const float tiny = scaled * Code::kPerSubnormalUnit;
   float tiny_rounded = kUpward ? std::ceil(tiny) : std::nearbyint(tiny);
@@ -226,15 +240,15 @@ inline uint8_t Encode(float x, float inverse_scale) {
   int32_t magnitude = scaled < Code::kSmallestNormal ? subnormal : normal;
   if (kUpward) magnitude = (x > 0 && magnitude < 1) ? 1 : magnitude;
   magnitude = magnitude < 0 ? 0 : (magnitude > Code::kLargest ? Code::kLargest : magnitude);
-  if (kSigned) magnitude |= (x < 0 && magnitude > 0) ? 0x80 : 0;
+  if (Code::kSigned) magnitude |= (x < 0 && magnitude > 0) ? 0x80 : 0;
   return static_cast<uint8_t>(magnitude);
 }
 
 // The value of a magnitude field (no sign, no block scale).
-template <bool kSigned>
+template <int kKind>
 inline float MagnitudeValue(int32_t magnitude) {
-  using Code = CodeOf<kSigned>;
-  constexpr int m = kCodeMantissaBits;
+  using Code = CodeOf<kKind>;
+  constexpr int m = Code::kMantissaBits;
   const uint32_t field = static_cast<uint32_t>(magnitude);
   const uint32_t biased = field >> m, mantissa = field & ((1u << m) - 1);
   const float normal = BitsToFloat(((biased + static_cast<uint32_t>(Code::kEmin - 1 + 127)) << 23) |
@@ -247,10 +261,10 @@ inline float MagnitudeValue(int32_t magnitude) {
 // |x|, plus one when u (h - l) < |x| - l, with u the low 16 bits of `random` over 2**16.
 // The code below, its value l and the spacing h - l come from the float's bits directly
 // (every quantity is exact, so this is the Optax path's arithmetic, value for value).
-template <bool kSigned>
+template <int kKind>
 inline uint8_t EncodeStochastic(float x, float inverse_scale, uint32_t random) {
-  using Code = CodeOf<kSigned>;
-  constexpr int m = kCodeMantissaBits;
+  using Code = CodeOf<kKind>;
+  constexpr int m = Code::kMantissaBits;
   constexpr uint32_t kLow = (1u << (23 - m)) - 1;
   const float scaled = std::fabs(x) * inverse_scale;
   const uint32_t bits = FloatToBits(scaled);
@@ -270,21 +284,21 @@ inline uint8_t EncodeStochastic(float x, float inverse_scale, uint32_t random) {
   const bool top = below >= Code::kLargest;  // the top code: nothing above (h - l = 0)
   int32_t magnitude = below + ((!top && uniform * spacing < scaled - low) ? 1 : 0);
   magnitude = magnitude < 0 ? 0 : (magnitude > Code::kLargest ? Code::kLargest : magnitude);
-  if (kSigned) magnitude |= (x < 0 && magnitude > 0) ? 0x80 : 0;
+  if (Code::kSigned) magnitude |= (x < 0 && magnitude > 0) ? 0x80 : 0;
   return static_cast<uint8_t>(magnitude);
 }
 
-template <bool kSigned>
+template <int kKind>
 inline float Decode(uint8_t code, float scale) {
-  using Code = CodeOf<kSigned>;
-  constexpr int m = kCodeMantissaBits;
+  using Code = CodeOf<kKind>;
+  constexpr int m = Code::kMantissaBits;
   const uint32_t magnitude = code & static_cast<uint32_t>(Code::kLargest);
   const uint32_t biased = magnitude >> m, mantissa = magnitude & ((1u << m) - 1);
   const float normal = BitsToFloat(((biased + static_cast<uint32_t>(Code::kEmin - 1 + 127)) << 23) |
                                    (mantissa << (23 - m)));
   const float subnormal = static_cast<float>(static_cast<int32_t>(mantissa)) * Code::kSubnormalUnit;
   const float value = (biased == 0 ? subnormal : normal) * scale;
-  if constexpr (kSigned) {
+  if constexpr (Code::kSigned) {
     return BitsToFloat(FloatToBits(value) | (static_cast<uint32_t>(code & 0x80u) << 24));
   }
   return value;
@@ -297,6 +311,7 @@ template <typename C>
 struct Scalars {
   C b1, b2, one_minus_b1, one_minus_b2, eps, eps_root, a, b, d, neg_lr, weight_decay;
   C grad_divisor, grad_multiplier;
+  C nu_unscale_before;  // 1 / a of the step before: a blockwise8 nu's decoding
   uint32_t key;
   bool clipping;  // whether the clip's scalars are not both 1
 
@@ -306,6 +321,7 @@ struct Scalars {
     one_minus_b1 = s[kScalarOneMinusB1], one_minus_b2 = s[kScalarOneMinusB2];
     eps = s[kScalarEps], eps_root = s[kScalarEpsRoot];
     a = s[kScalarNuScale], b = s[kScalarMuScale], d = s[kScalarRootScale];
+    nu_unscale_before = s[kScalarNuUnscaleBefore];
     neg_lr = s[kScalarNegLr], weight_decay = s[kScalarWeightDecay];
     grad_divisor = s[kScalarGradDivisor], grad_multiplier = s[kScalarGradMultiplier];
     key = (static_cast<uint32_t>(s[kScalarRoundKeyHigh]) << 16) |
@@ -756,57 +772,65 @@ struct BlockLeaf {
 using BlockFn = void (*)(const BlockLeaf&, size_t, size_t, const void*);
 
 // The step of one block's `count` elements from their decoded moments: new parameters in
-// place; m, v and the running maximum into `m`, `v`, `w`; the largest magnitude of each
-// as float32 bits into `top`. (Pointers as restrict parameters, so that it vectorises.)
+// place; m, a v (the rule's scaled second moment) and the running maximum into `m`, `v`,
+// `w`; the largest magnitude of m and of the maximum as float32 bits into `top`. nu is
+// decoded against the stored maximum: v = (1 - code) * nu_max / a_before. (Pointers as
+// restrict parameters, so that it vectorises.)
 template <typename P, int64_t kDecay, bool kStochastic, bool kClip>
 inline void StepBlock(P* __restrict__ params, const P* __restrict__ grads,
                       const uint8_t* __restrict__ mu, const uint8_t* __restrict__ nu,
                       const uint8_t* __restrict__ nu_max, float* __restrict__ m,
                       float* __restrict__ v, float* __restrict__ w, size_t count,
-                      const float scale[3], const Scalars<float>& s, size_t first,
-                      uint32_t key, uint32_t top[3]) {
-  const float mu_scale = scale[0], nu_scale = scale[1], nu_max_scale = scale[2];
-  uint32_t m_top = 0, v_top = 0, w_top = 0;
+                      const float scale[2], const Scalars<float>& s, size_t first,
+                      uint32_t key, uint32_t top[2]) {
+  const float mu_scale = scale[0], nu_max_scale = scale[1];
+  uint32_t m_top = 0, w_top = 0;
   for (size_t k = 0; k < count; ++k) {
     const float p = Load<float>(params[k]);
+    const float maximum = Decode<kNuMax>(nu_max[k], nu_max_scale);
+    const float second = (1.0f - Decode<kNu>(nu[k], 1.0f)) * maximum * s.nu_unscale_before;
     const Element<float> e = Compute<P, float, kDecay, /*kDecoded=*/true, kClip>(
-        p, Load<float>(grads[k]), Decode<true>(mu[k], mu_scale), Decode<false>(nu[k], nu_scale),
-        Decode<false>(nu_max[k], nu_max_scale), s);
+        p, Load<float>(grads[k]), Decode<kMu>(mu[k], mu_scale), second, maximum, s);
     params[k] = NewParam<P, float, kStochastic>(p, e.u, s, first + k, key);
-    m[k] = e.m, v[k] = e.v, w[k] = e.v_max;
+    m[k] = e.m, v[k] = s.a * e.v, w[k] = e.v_max;
     m_top = std::max(m_top, MagnitudeBits(e.m));
-    v_top = std::max(v_top, MagnitudeBits(e.v));
     w_top = std::max(w_top, MagnitudeBits(e.v_max));
   }
-  top[0] = m_top, top[1] = v_top, top[2] = w_top;
+  top[0] = m_top, top[1] = w_top;
 }
 
-// One block's codes from its m, v and running maximum, with the exponents' inverse scales:
-// m and v rounded stochastically (the low and high 16 bits of each element's random bits),
-// the maximum upward.
+// One block's codes from its m, a v and running maximum, with the exponents' inverse
+// scales: the maximum upward; m rounded stochastically (the low 16 bits of each element's
+// random bits) or to nearest; nu as 1 - a v / nu_max against the maximum just stored,
+// rounded with the high 16 bits or to nearest.
 template <bool kStateStochastic>
 inline void EncodeBlock(const float* __restrict__ m, const float* __restrict__ v,
                         const float* __restrict__ w, uint8_t* __restrict__ mu,
                         uint8_t* __restrict__ nu, uint8_t* __restrict__ nu_max, size_t count,
-                        float m_inverse, float v_inverse, float w_inverse, uint32_t key,
-                        uint32_t state_key, size_t first) {
+                        float m_inverse, int w_exponent, uint32_t key, uint32_t state_key,
+                        size_t first) {
+  const float w_inverse = PowerOfTwoBits(-w_exponent), w_scale = PowerOfTwoBits(w_exponent);
   for (size_t k = 0; k < count; ++k) {
+    const uint8_t maximum_code = Encode<kNuMax, true>(w[k], w_inverse);
+    const float maximum = Decode<kNuMax>(maximum_code, w_scale);
+    const float ratio = maximum > 0.0f ? v[k] / (maximum > 0.0f ? maximum : 1.0f) : 0.0f;
+    const float complement = 1.0f - ratio;
+    nu_max[k] = maximum_code;
     if constexpr (kStateStochastic) {
       const uint32_t random = ElementBits(key, state_key, first + k);
-      mu[k] = EncodeStochastic<true>(m[k], m_inverse, random);
-      nu[k] = EncodeStochastic<false>(v[k], v_inverse, random >> 16);
+      mu[k] = EncodeStochastic<kMu>(m[k], m_inverse, random);
+      nu[k] = EncodeStochastic<kNu>(complement, 1.0f, random >> 16);
     } else {
-      mu[k] = Encode<true, false>(m[k], m_inverse);
-      nu[k] = Encode<false, false>(v[k], v_inverse);
+      mu[k] = Encode<kMu, false>(m[k], m_inverse);
+      nu[k] = Encode<kNu, false>(complement, 1.0f);
     }
-    nu_max[k] = Encode<false, true>(w[k], w_inverse);
   }
 }
 
 // Blocks [begin, end) of one leaf: decode, step, and encode each block with its new
-// exponents (the largest |m|, v and running maximum of the block, as _blockwise.py): two
-// vectorised passes over a block, the step (m, v and the maximum kept in a buffer of the
-// block's length), then the encoding.
+// exponents (the largest |m| and running maximum of the block, as _blockwise.py; nu's
+// exponent is always 0): two vectorised passes over a block, the step (m, a v and the
+// maximum kept in a buffer of the block's length), then the encoding.
 template <typename P, int64_t kDecay, bool kStochastic, bool kStateStochastic>
 void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* scalars_raw) {
   const Scalars<float> s(scalars_raw);
@@ -821,10 +845,9 @@ void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* sca
     uint8_t* mu = leaf.codes[0] + first;
     uint8_t* nu = leaf.codes[1] + first;
     uint8_t* nu_max = leaf.codes[2] + first;
-    const float scale[3] = {PowerOfTwoBits(leaf.exponents[0][index]),
-                            PowerOfTwoBits(leaf.exponents[1][index]),
+    const float scale[2] = {PowerOfTwoBits(leaf.exponents[0][index]),
                             PowerOfTwoBits(leaf.exponents[2][index])};
-    uint32_t top[3];
+    uint32_t top[2];
     P* params = static_cast<P*>(leaf.params) + first;
     const P* grads = static_cast<const P*>(leaf.grads) + first;
     if (s.clipping) {
@@ -834,15 +857,13 @@ void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* sca
       StepBlock<P, kDecay, kStochastic, false>(params, grads, mu, nu, nu_max, m, v, w, count,
                                                scale, s, first, leaf.key, top);
     }
-    // Stochastically m and v may round up: their exponents leave room for it.
-    const int m_exponent = BlockExponent<true>(top[0], kStateStochastic);
-    const int v_exponent = BlockExponent<false>(top[1], kStateStochastic);
-    const int w_exponent = BlockExponent<false>(top[2], true);
+    // Stochastically m may round up: its exponent leaves room for it.
+    const int m_exponent = BlockExponent<kMu>(top[0], kStateStochastic);
+    const int w_exponent = BlockExponent<kNuMax>(top[1], true);
     EncodeBlock<kStateStochastic>(m, v, w, mu, nu, nu_max, count, PowerOfTwoBits(-m_exponent),
-                PowerOfTwoBits(-v_exponent), PowerOfTwoBits(-w_exponent), s.key, leaf.state_key,
-                first);
+                                  w_exponent, s.key, leaf.state_key, first);
     leaf.exponents[0][index] = static_cast<int8_t>(m_exponent);
-    leaf.exponents[1][index] = static_cast<int8_t>(v_exponent);
+    leaf.exponents[1][index] = 0;
     leaf.exponents[2][index] = static_cast<int8_t>(w_exponent);
   }
 }
