@@ -73,6 +73,12 @@ def _bf16_state(learning_rate: float) -> optax.GradientTransformation:
   return amsgrad_jax.amsgrad(learning_rate, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
 
 
+def _bf16_state_stochastic(learning_rate: float) -> optax.GradientTransformation:
+  return amsgrad_jax.amsgrad(
+    learning_rate, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16, state_rounding="stochastic"
+  )
+
+
 def _blockwise8_state(learning_rate: float) -> optax.GradientTransformation:
   fmt = amsgrad_jax.blockwise8()
   return amsgrad_jax.amsgrad(learning_rate, mu_dtype=fmt, nu_dtype=fmt)
@@ -91,6 +97,9 @@ CONTENDERS = [
   _torch(TORCH_FUSED, fused=True),
   Contender("apply_step, flat state", _flat_state, native=True),
   Contender("apply_step, bf16 state", _bf16_state, native=True, bytes_per_param=24),
+  Contender(
+    "apply_step, bf16 state, stochastic", _bf16_state_stochastic, native=True, bytes_per_param=24
+  ),
   Contender("apply_step, 8-bit state", _blockwise8_state, native=True, bytes_per_param=18),
   Contender("amsgrad_jax, bf16 state", _bf16_state, bytes_per_param=24),
   Contender("amsgrad_jax, 8-bit state", _blockwise8_state, bytes_per_param=18),

@@ -87,6 +87,7 @@ def alias_step(plan: Plan, grads: Any, params: Any, clip: GradScale | None) -> t
   rounding = Roundings(
     Rounding.STOCHASTIC if options.param_rounding == "stochastic" else Rounding.NEAREST,
     Rounding.NEAREST if options.state_rounding == "nearest" else Rounding.STOCHASTIC,
+    Rounding.STOCHASTIC if options.state_rounding == "stochastic" else Rounding.NEAREST,
   )
   new_params, mu, nu, nu_max = step(state, grads, params, plan.decay, scalars_for, rounding)
   new_state = list(plan.opt_state)
@@ -166,9 +167,14 @@ def _tree_layout_step(
       # (XLA gathers a parameter split over devices first), the others run per shard.
       if isinstance(mu_storage, int):
         outputs = _blockwise_call(scalars, [leaves[i] for i in batch], mode, rounding, batch)
-      elif rounding.param == Rounding.STOCHASTIC:
+      elif Rounding.STOCHASTIC in (rounding.param, rounding.float_state):
         outputs = _interface.tree_call(
-          scalars, [leaves[i] for i in batch], mode, rounding=rounding.param, leaf_ids=batch
+          scalars,
+          [leaves[i] for i in batch],
+          mode,
+          rounding=rounding.param,
+          state_rounding=rounding.float_state,
+          leaf_ids=batch,
         )
       else:
         outputs = per_shard(_interface.tree_call, scalars, [leaves[i] for i in batch], mode)
@@ -189,11 +195,13 @@ def _placed_like(before: tuple[Any, ...], after: tuple[Any, ...]) -> tuple[Any, 
 
 
 class Roundings(NamedTuple):
-  """How the step rounds the parameters and the 8-bit moments (float state is stored to
-  nearest in the kernel; the plan sends stochastic float state down the Optax path)."""
+  """How the step rounds the parameters, the 8-bit moments (stochastically unless
+  ``state_rounding="nearest"``) and float moments (to nearest unless
+  ``state_rounding="stochastic"``; only bfloat16 ones are affected)."""
 
   param: Rounding
   state: Rounding
+  float_state: Rounding
 
 
 def _blockwise_call(
@@ -268,6 +276,7 @@ def _flat_layout_step(
         offsets,
         mode,
         rounding=rounding.param,
+        state_rounding=rounding.float_state,
         leaf_ids=batch,
       )
       for index, output in zip(batch, outputs, strict=True):

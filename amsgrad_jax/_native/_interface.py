@@ -22,11 +22,11 @@ The FFI targets, one per state storage, and the guard's check:
   target's operands, nothing written; one ``int32`` result, 1 when the step would leave the
   gradient, the update and the stored state finite.
 
-All take the attribute ``decay`` (a :class:`Decay`); the steps also ``rounding`` (a
-:class:`Rounding`, of the parameters) and ``leaf_ids`` (each leaf's position in the tree,
-which seeds its random bits); the flat one also ``offsets``, each leaf's first element in
-the state buffers; the blockwise one also ``state_rounding`` (of ``mu`` and ``nu``) and
-``block_size``.
+All take the attribute ``decay`` (a :class:`Decay`); the steps also ``rounding`` and
+``state_rounding`` (:class:`Rounding` of the parameters and of ``mu`` and ``nu``; for
+float state only bfloat16 is affected) and ``leaf_ids`` (each leaf's position in the
+tree, which seeds its random bits); the flat one also ``offsets``, each leaf's first
+element in the state buffers; the blockwise one also ``block_size``.
 """
 
 from __future__ import annotations
@@ -210,6 +210,7 @@ def tree_call(
   decay: Decay,
   *,
   rounding: Rounding = Rounding.NEAREST,
+  state_rounding: Rounding = Rounding.NEAREST,
   leaf_ids: Sequence[int] = (),
 ) -> list[tuple]:
   """One call over ``leaves``, each its :data:`TREE_OPERANDS`; returns each leaf's
@@ -224,6 +225,7 @@ def tree_call(
     leaf_ids=list(leaf_ids) or list(range(len(leaves))),
     decay=decay,
     rounding=rounding,
+    state_rounding=state_rounding,
   )
 
 
@@ -297,6 +299,7 @@ def flat_call(
   decay: Decay,
   *,
   rounding: Rounding = Rounding.NEAREST,
+  state_rounding: Rounding = Rounding.NEAREST,
   leaf_ids: Sequence[int] = (),
 ) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
   """One call over some leaves of a dtype group in the flat layout: ``state`` holds the
@@ -319,6 +322,7 @@ def flat_call(
     *operands,
     decay=np.int64(decay),
     rounding=np.int64(rounding),
+    state_rounding=np.int64(state_rounding),
     leaf_ids=np.asarray(list(leaf_ids) or list(range(len(leaves))), np.int64),
     offsets=np.asarray(offsets, np.int64),
   )

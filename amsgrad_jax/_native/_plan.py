@@ -70,15 +70,6 @@ def plan(options: AliasOptions, grads: Any, opt_state: Any, params: Any) -> Plan
   Python numbers or scalars (traced ones under ``optax.inject_hyperparams``); they enter
   the kernel as operands either way.
   """
-  narrow = {np.dtype(jax.numpy.bfloat16), np.dtype(np.float16)}
-  if options.state_rounding == "stochastic" and any(
-    d is not None and not isinstance(d, Blockwise8) and np.dtype(d) in narrow
-    for d in (options.mu_dtype, options.nu_dtype)
-  ):
-    return Fallback(
-      'state_rounding="stochastic" with bfloat16 or float16 state: the kernel rounds '
-      "float state to nearest"
-    )
   blockwise = [isinstance(d, Blockwise8) for d in (options.mu_dtype, options.nu_dtype)]
   if any(blockwise) and not all(blockwise):
     return Fallback("blockwise8 for only one of mu_dtype and nu_dtype")

@@ -18,7 +18,8 @@
 //   m = b1 m + (1-b1) g;   v = b2 v + (1-b2) g^2;   nu_max = max(nu_max, a v)
 //   u = (b m) / (d sqrt(nu_max + eps_root) + eps);   p = p + (-lr) u
 // Each intermediate that the Optax chain holds in the parameter dtype is rounded to it
-// here too (u, the decayed gradient, -lr u), the state is stored rounded to nearest and
+// here too (u, the decayed gradient, -lr u), the state is stored rounded to nearest
+// (bfloat16 mu and nu stochastically when the attribute `state_rounding` says so) and
 // nu_max rounded toward +infinity. XLA:CPU contracts a product feeding a sum into a fused
 // multiply-add (LLVM's AllowFPOpFusion=Fast; for `x*y + z*w` it fuses the left product);
 // the kernel writes those same fused multiply-adds out with std::fma and is built with
@@ -382,17 +383,31 @@ inline P NewParam(C p, C u, const Scalars<C>& s, size_t index, uint32_t leaf_key
   }
 }
 
+// A moment stored in M: rounded to nearest, or (kStochastic, bfloat16 only) to the
+// neighbour above or below at random (as _transform._store).
+template <typename M, typename C, bool kStochastic>
+inline M StoreMoment(C x, uint32_t random) {
+  if constexpr (kStochastic && std::is_same_v<M, bf16>) {
+    return StochasticBf16(x, random);
+  } else {
+    return Nearest<M>(x);
+  }
+}
+
 // Whether x is finite: x - x is 0 for a finite x and NaN for inf or NaN (vectorises).
 template <typename C>
 inline bool Finite(C x) { return (x - x) == C(0); }
 
 // kCheck: write nothing; return whether the step would leave every value the guard
 // (skip_nonfinite) looks at finite: the gradient, the update and the stored state.
+// kStochastic: the bfloat16 parameters are rounded stochastically; kStateStochastic: the
+// bfloat16 moments, mu with the element's bits under `state_key` and nu with them mixed
+// once more.
 template <typename P, typename M, typename N, typename C, int64_t kDecay, bool kCheck,
-          bool kStochastic>
+          bool kStochastic, bool kStateStochastic>
 bool StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_raw,
                void* nu_max_raw, size_t begin, size_t end, const void* scalars_raw,
-               uint32_t leaf_key) {
+               uint32_t leaf_key, uint32_t state_key) {
   P* __restrict__ params = static_cast<P*>(params_raw);
   const P* __restrict__ grads = static_cast<const P*>(grads_raw);
   M* __restrict__ mu = static_cast<M*>(mu_raw);
@@ -410,8 +425,14 @@ bool StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_r
                 Finite(Load<C>(Upward<N>(e.v_max)));
     } else {
       params[i] = NewParam<P, C, kStochastic>(p, e.u, s, i, leaf_key);
-      mu[i] = Nearest<M>(e.m);
-      nu[i] = Nearest<N>(e.v);
+      if constexpr (kStateStochastic) {
+        const uint32_t random = ElementBits(s.key, state_key, i);
+        mu[i] = StoreMoment<M, C, true>(e.m, random);
+        nu[i] = StoreMoment<N, C, true>(e.v, Mix(random));
+      } else {
+        mu[i] = Nearest<M>(e.m);
+        nu[i] = Nearest<N>(e.v);
+      }
       nu_max[i] = Upward<N>(e.v_max);
     }
   }
@@ -419,63 +440,82 @@ bool StepRange(void* params_raw, const void* grads_raw, void* mu_raw, void* nu_r
 }
 
 using StepFn = bool (*)(void*, const void*, void*, void*, void*, size_t, size_t, const void*,
-                        uint32_t);
+                        uint32_t, uint32_t);
 
-template <typename P, typename M, typename N, typename C, bool kCheck, bool kStochastic>
+// What one call does: check only, or step with the parameters and the moments each rounded
+// to nearest or stochastically.
+struct Mode {
+  bool check;
+  bool stochastic;        // the parameters
+  bool state_stochastic;  // mu and nu
+};
+
+template <typename P, typename M, typename N, typename C, bool kCheck, bool kStochastic,
+          bool kStateStochastic>
 StepFn ForDecay(int64_t decay) {
   switch (decay) {
-    case kDecayNone: return &StepRange<P, M, N, C, kDecayNone, kCheck, kStochastic>;
-    case kDecayCoupled: return &StepRange<P, M, N, C, kDecayCoupled, kCheck, kStochastic>;
-    case kDecayDecoupled: return &StepRange<P, M, N, C, kDecayDecoupled, kCheck, kStochastic>;
+    case kDecayNone:
+      return &StepRange<P, M, N, C, kDecayNone, kCheck, kStochastic, kStateStochastic>;
+    case kDecayCoupled:
+      return &StepRange<P, M, N, C, kDecayCoupled, kCheck, kStochastic, kStateStochastic>;
+    case kDecayDecoupled:
+      return &StepRange<P, M, N, C, kDecayDecoupled, kCheck, kStochastic, kStateStochastic>;
     default: return nullptr;
   }
 }
 
-// Stochastic rounding applies to bfloat16 parameters only (wider ones round to nearest).
+template <typename P, typename M, typename N, typename C, bool kStochastic>
+StepFn ForStateRounding(int64_t decay, bool state_stochastic) {
+  if constexpr (std::is_same_v<M, bf16> || std::is_same_v<N, bf16>) {
+    if (state_stochastic) return ForDecay<P, M, N, C, false, kStochastic, true>(decay);
+  }
+  return ForDecay<P, M, N, C, false, kStochastic, false>(decay);
+}
+
+// Stochastic rounding applies to bfloat16 values only (wider ones round to nearest).
 template <typename P, typename M, typename N, typename C>
-StepFn ForMode(int64_t decay, bool check, bool stochastic) {
-  if (check) return ForDecay<P, M, N, C, true, false>(decay);
+StepFn ForMode(int64_t decay, Mode mode) {
+  if (mode.check) return ForDecay<P, M, N, C, true, false, false>(decay);
   if constexpr (std::is_same_v<P, bf16>) {
-    if (stochastic) return ForDecay<P, M, N, C, false, true>(decay);
+    if (mode.stochastic) return ForStateRounding<P, M, N, C, true>(decay, mode.state_stochastic);
   }
-  return ForDecay<P, M, N, C, false, false>(decay);
+  return ForStateRounding<P, M, N, C, false>(decay, mode.state_stochastic);
 }
 
 template <typename P, typename M>
-StepFn ForNu32(ffi::DataType n, int64_t decay, bool check, bool stochastic) {
+StepFn ForNu32(ffi::DataType n, int64_t decay, Mode mode) {
   switch (n) {
-    case ffi::DataType::BF16: return ForMode<P, M, bf16, float>(decay, check, stochastic);
-    case ffi::DataType::F32: return ForMode<P, M, float, float>(decay, check, stochastic);
+    case ffi::DataType::BF16: return ForMode<P, M, bf16, float>(decay, mode);
+    case ffi::DataType::F32: return ForMode<P, M, float, float>(decay, mode);
     default: return nullptr;
   }
 }
 
 template <typename P, typename M>
-StepFn ForNu64(ffi::DataType n, int64_t decay, bool check, bool stochastic) {
+StepFn ForNu64(ffi::DataType n, int64_t decay, Mode mode) {
   switch (n) {
-    case ffi::DataType::F32: return ForMode<P, M, float, double>(decay, check, stochastic);
-    case ffi::DataType::F64: return ForMode<P, M, double, double>(decay, check, stochastic);
+    case ffi::DataType::F32: return ForMode<P, M, float, double>(decay, mode);
+    case ffi::DataType::F64: return ForMode<P, M, double, double>(decay, mode);
     default: return nullptr;
   }
 }
 
-StepFn SelectStep(ffi::DataType p, ffi::DataType m, ffi::DataType n, int64_t decay,
-                  bool check, bool stochastic) {
+StepFn SelectStep(ffi::DataType p, ffi::DataType m, ffi::DataType n, int64_t decay, Mode mode) {
   using T = ffi::DataType;
   const bool narrow = (p == T::BF16 || m == T::BF16 || n == T::BF16);
   const bool wide = (p == T::F64 || m == T::F64 || n == T::F64);
   if (narrow && wide) return nullptr;
   if (!wide) {
-    if (p == T::BF16 && m == T::BF16) return ForNu32<bf16, bf16>(n, decay, check, stochastic);
-    if (p == T::BF16 && m == T::F32) return ForNu32<bf16, float>(n, decay, check, stochastic);
-    if (p == T::F32 && m == T::BF16) return ForNu32<float, bf16>(n, decay, check, stochastic);
-    if (p == T::F32 && m == T::F32) return ForNu32<float, float>(n, decay, check, stochastic);
+    if (p == T::BF16 && m == T::BF16) return ForNu32<bf16, bf16>(n, decay, mode);
+    if (p == T::BF16 && m == T::F32) return ForNu32<bf16, float>(n, decay, mode);
+    if (p == T::F32 && m == T::BF16) return ForNu32<float, bf16>(n, decay, mode);
+    if (p == T::F32 && m == T::F32) return ForNu32<float, float>(n, decay, mode);
     return nullptr;
   }
-  if (p == T::F32 && m == T::F32) return ForNu64<float, float>(n, decay, check, stochastic);
-  if (p == T::F32 && m == T::F64) return ForNu64<float, double>(n, decay, check, stochastic);
-  if (p == T::F64 && m == T::F32) return ForNu64<double, float>(n, decay, check, stochastic);
-  if (p == T::F64 && m == T::F64) return ForNu64<double, double>(n, decay, check, stochastic);
+  if (p == T::F32 && m == T::F32) return ForNu64<float, float>(n, decay, mode);
+  if (p == T::F32 && m == T::F64) return ForNu64<float, double>(n, decay, mode);
+  if (p == T::F64 && m == T::F32) return ForNu64<double, float>(n, decay, mode);
+  if (p == T::F64 && m == T::F64) return ForNu64<double, double>(n, decay, mode);
   return nullptr;
 }
 
@@ -487,7 +527,8 @@ struct Leaf {
   void* mu;
   void* nu;
   void* nu_max;
-  uint32_t key;  // the stochastic rounding's key of this leaf's parameters
+  uint32_t key;        // the stochastic rounding's key of this leaf's parameters
+  uint32_t state_key;  // and of its moments
 };
 
 struct Chunk {
@@ -513,7 +554,8 @@ struct Work {
     for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();) {
       const Chunk& c = chunks[i];
       const Leaf& l = leaves[c.leaf];
-      all_finite &= step(l.params, l.grads, l.mu, l.nu, l.nu_max, c.begin, c.end, scalars, l.key);
+      all_finite &= step(l.params, l.grads, l.mu, l.nu, l.nu_max, c.begin, c.end, scalars, l.key,
+                         l.state_key);
       ++finished;
     }
     if (!all_finite) finite.store(false, std::memory_order_relaxed);
@@ -603,8 +645,8 @@ ffi::AnyBuffer Result(ffi::RemainingRets& rets, size_t first, size_t leaf, int p
 // (TreeResultIndex order) start from its operands and are updated in place; without (the
 // check) nothing is written and the operands are read only.
 ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* rets,
-                      int64_t decay, int64_t rounding, ffi::Span<const int64_t> leaf_ids,
-                      std::vector<size_t>& sizes) {
+                      int64_t decay, int64_t rounding, int64_t state_rounding,
+                      ffi::Span<const int64_t> leaf_ids, std::vector<size_t>& sizes) {
   const char* name = rets ? "amsgrad_jax_step" : "amsgrad_jax_check";
   const size_t num_leaves = args.size() / kTreeOperandsPerLeaf;
   if (args.size() % kTreeOperandsPerLeaf != 0 ||
@@ -629,9 +671,10 @@ ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* 
         in(kTreeOperandNuMax).element_type() != in(kTreeOperandNu).element_type()) {
       return ffi::Error::InvalidArgument(std::string(name) + ": unsupported dtypes or shapes");
     }
+    const Mode mode{rets == nullptr, rounding == kRoundingStochastic,
+                    state_rounding == kRoundingStochastic};
     StepFn step = SelectStep(params.element_type(), in(kTreeOperandMu).element_type(),
-                             in(kTreeOperandNu).element_type(), decay, /*check=*/rets == nullptr,
-                             rounding == kRoundingStochastic);
+                             in(kTreeOperandNu).element_type(), decay, mode);
     if (!AcceptStep(work, i, step)) {
       return ffi::Error::InvalidArgument(std::string(name) + ": one call takes one dtype group");
     }
@@ -647,7 +690,8 @@ ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* 
     }
     work.leaves.push_back({data[kTreeResultParams], in(kTreeOperandGrads).untyped_data(),
                            data[kTreeResultMu], data[kTreeResultNu], data[kTreeResultNuMax],
-                           rets ? LeafKey(work.key, leaf_ids[i]) : 0u});
+                           rets ? LeafKey(work.key, leaf_ids[i]) : 0u,
+                           rets ? LeafKey(work.key, leaf_ids[i], kRoundStateSalt) : 0u});
     sizes.push_back(n);
   }
   return ffi::Error::Success();
@@ -655,7 +699,7 @@ ffi::Error TreeLeaves(Work& work, ffi::RemainingArgs& args, ffi::RemainingRets* 
 
 // State as one buffer per leaf: TreeOperandIndex and TreeResultIndex give the order.
 ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
-                       ffi::Span<const int64_t> leaf_ids,
+                       int64_t state_rounding, ffi::Span<const int64_t> leaf_ids,
                        ffi::AnyBuffer scalars,
                        ffi::RemainingArgs args, ffi::RemainingRets rets) {
   auto made = NewWork(scalars);
@@ -663,7 +707,7 @@ ffi::Error AmsgradStep(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
   std::shared_ptr<Work> work = *made;
   std::vector<size_t> sizes;
   ffi::Error error =
-      TreeLeaves(*work, args, &rets, decay, rounding, leaf_ids, sizes);
+      TreeLeaves(*work, args, &rets, decay, rounding, state_rounding, leaf_ids, sizes);
   if (error.failure()) return error;
   return RunOnPool(pool, work, sizes);
 }
@@ -680,7 +724,7 @@ ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scal
   std::shared_ptr<Work> work = *made;
   std::vector<size_t> sizes;
   ffi::Error error =
-      TreeLeaves(*work, args, nullptr, decay, kRoundingNearest, {}, sizes);
+      TreeLeaves(*work, args, nullptr, decay, kRoundingNearest, kRoundingNearest, {}, sizes);
   if (error.failure()) return error;
   error = RunOnPool(pool, work, sizes);
   *finite->typed_data() = work->finite.load() ? 1 : 0;
@@ -691,7 +735,7 @@ ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scal
 // results: the state buffers, then per leaf FlatLeafResultIndex. Attribute `offsets`: each
 // leaf's first element in the state buffers.
 ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
-                           ffi::Span<const int64_t> leaf_ids, ffi::Span<const int64_t> offsets,
+                           int64_t state_rounding, ffi::Span<const int64_t> leaf_ids, ffi::Span<const int64_t> offsets,
                            ffi::AnyBuffer scalars, ffi::RemainingArgs args,
                            ffi::RemainingRets rets) {
   const size_t num_leaves = offsets.size();
@@ -738,8 +782,8 @@ ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, int64_t rounding
         offset < 0 || static_cast<size_t>(offset) + n > state_size) {
       return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: unsupported dtypes or shapes");
     }
-    StepFn step = SelectStep(params.element_type(), mu.element_type(), nu.element_type(), decay,
-                             /*check=*/false, rounding == kRoundingStochastic);
+    const Mode mode{false, rounding == kRoundingStochastic, state_rounding == kRoundingStochastic};
+    StepFn step = SelectStep(params.element_type(), mu.element_type(), nu.element_type(), decay, mode);
     if (!AcceptStep(*work, i, step)) {
       return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: one call takes one dtype group");
     }
@@ -749,7 +793,8 @@ ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, int64_t rounding
                                 width[k] * static_cast<size_t>(offset));
     };
     work->leaves.push_back({params_out.untyped_data(), grads.untyped_data(), at(kFlatStateMu),
-                            at(kFlatStateNu), at(kFlatStateNuMax), LeafKey(work->key, leaf_ids[i])});
+                            at(kFlatStateNu), at(kFlatStateNuMax), LeafKey(work->key, leaf_ids[i]),
+                            LeafKey(work->key, leaf_ids[i], kRoundStateSalt)});
     sizes.push_back(n);
   }
   return RunOnPool(pool, work, sizes);
@@ -1007,6 +1052,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStep, AmsgradStep,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("decay")
                                   .Attr<int64_t>("rounding")
+                                  .Attr<int64_t>("state_rounding")
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
@@ -1017,6 +1063,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlat, AmsgradStepFlat,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("decay")
                                   .Attr<int64_t>("rounding")
+                                  .Attr<int64_t>("state_rounding")
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Attr<ffi::Span<const int64_t>>("offsets")
                                   .Arg<ffi::AnyBuffer>()
