@@ -86,7 +86,24 @@ def widen(x: jax.Array) -> jax.Array:
 
 def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
   """Float32 ``x`` rounded to the narrow ``dtype``: up with probability equal to its
-  distance from the neighbour below over the spacing, decided by ``bits`` (``uint32``)."""
+  distance from the neighbour below over the spacing, decided by ``bits`` (``uint32``).
+
+  bfloat16 is float32's top 16 bits: adding 16 random bits (the low half of ``bits``) to
+  ``x``'s bits and dropping the low 16 carries into the kept half with probability equal
+  to the dropped fraction of a spacing, to 16 bits (away from zero in magnitude, so
+  toward the far neighbour whatever the sign). A finite ``x`` that would carry into
+  infinity is truncated instead, and a NaN stays a NaN. Integer additions and shifts
+  only: no division, and the native kernel's arithmetic, bit for bit."""
+  if np.dtype(dtype) == np.dtype(jnp.bfloat16):
+    pattern = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    up = (pattern + (bits & np.uint32(0xFFFF))) >> 16
+    down = pattern >> 16
+    infinity = np.uint32(0x7F80)
+    overflow = ((up & np.uint32(0x7FFF)) == infinity) & ((down & infinity) != infinity)
+    rounded = jax.lax.bitcast_convert_type(
+      jnp.where(overflow, down, up).astype(jnp.uint16), jnp.bfloat16
+    )
+    return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), rounded)
   nearest = x.astype(dtype)
   back = widen(nearest)
   below = back < x

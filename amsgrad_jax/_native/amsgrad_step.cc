@@ -157,18 +157,16 @@ inline bf16 NextBf16(bf16 x, bool upward) {
   return (x & 0x7FFFu) == 0 ? from_zero : next;
 }
 
-// Float x rounded to bfloat16: up with probability (x - low) / (high - low).
+// Float x rounded to bfloat16 stochastically (as _rounding.stochastic_round): its bits
+// plus the low 16 random bits, truncated, so up in magnitude with probability equal to the
+// dropped fraction; a finite x that would carry into infinity is truncated instead.
 inline bf16 StochasticBf16(float x, uint32_t random) {
-  const bf16 nearest = Bf16Nearest(x);
-  const float back = Load<float>(nearest);
-  const bool below = back < x;
-  const bf16 other = NextBf16(nearest, below);
-  const bf16 low = below ? nearest : other, high = below ? other : nearest;
-  const float low32 = Load<float>(low);
-  const float fraction = (x - low32) / (Load<float>(high) - low32);
-  const float uniform = static_cast<float>(random >> 8) * 0x1p-24f;
-  const bf16 pick = uniform < fraction ? high : low;
-  return back == x ? nearest : pick;
+  const uint32_t bits = FloatToBits(x);
+  const uint32_t up = (bits + (random & 0xFFFFu)) >> 16;
+  const uint32_t down = bits >> 16;
+  const bool overflow = (up & 0x7FFFu) == 0x7F80u && (down & 0x7F80u) != 0x7F80u;
+  const uint32_t rounded = overflow ? down : up;
+  return x != x ? Bf16Nearest(x) : static_cast<bf16>(rounded);
 }
 
 // ---- 8-bit block-wise codes (amsgrad_jax/_blockwise.py) ----------------------------------
