@@ -37,6 +37,27 @@ def test_exact_and_special_values_are_kept(dtype):
   assert np.isnan(rounded[6])
 
 
+def test_bfloat16_rounding_never_carries_a_finite_value_into_infinity():
+  """Above bfloat16's largest finite value (but finite in float32) the random carry would
+  reach infinity: the value is truncated to the largest finite bfloat16 instead."""
+  largest = float(jnp.finfo(jnp.bfloat16).max)
+  x = jnp.full((10_000,), largest, jnp.float32) * np.float32(1.0 + 2.0**-10)
+  x = jnp.concatenate([x, -x])
+  bits = _rounding.leaf_bits(_rounding.step_key(3, jnp.int32(2)), 0, x.shape)
+  rounded = np.asarray(_rounding.stochastic_round(x, jnp.bfloat16, bits).astype(jnp.float32))
+  assert np.all(np.isfinite(rounded))
+  np.testing.assert_array_equal(np.abs(rounded), largest)
+
+
+def test_bfloat16_rounding_is_symmetric_in_sign():
+  """The carry goes into the magnitude: -x rounds to exactly -(x's rounding)."""
+  x = jax.random.normal(jax.random.key(0), (4096,)) * 3.0
+  bits = _rounding.leaf_bits(_rounding.step_key(5, jnp.int32(9)), 2, x.shape)
+  up = _rounding.stochastic_round(x, jnp.bfloat16, bits)
+  down = _rounding.stochastic_round(-x, jnp.bfloat16, bits)
+  np.testing.assert_array_equal(np.asarray(-up.astype(jnp.float32)), np.asarray(down, np.float32))
+
+
 def train(mode, dtype=jnp.bfloat16, steps=200, seed=0, lr=1e-4, start=None, state=None):
   """Constant gradients and a learning rate far below bfloat16's spacing at 1."""
   params = {"w": jnp.ones((4096,), dtype)} if start is None else start
