@@ -428,6 +428,41 @@ def test_sharded_step_runs_per_shard_without_collectives(axis_type):
 
 
 @pytest.mark.host_devices
+def test_stochastically_rounded_state_on_a_mesh():
+  """Random bits number the elements of whole parameters: a call that rounds bfloat16
+  moments stochastically sees whole arrays (XLA gathers them) and matches the Optax path
+  bit for bit, its results placed as its operands were; float32 moments are not rounded,
+  so ``state_rounding="stochastic"`` leaves a float32 step per shard, with no collective."""
+  auto = jax.sharding.AxisType.Auto
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(auto, auto))
+  sharding = NamedSharding(mesh, P("data", "model"))
+  rng = np.random.default_rng(4)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    params = {"w": jax.device_put(jnp.asarray(rng.standard_normal((64, 32)), dtype), sharding)}
+    tx = amsgrad_jax.amsgrad(
+      1e-2, mu_dtype=dtype, nu_dtype=dtype, state_rounding="stochastic", rounding_seed=2
+    )
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g, tx=tx: amsgrad_jax.apply_step(tx, g, s, p))
+    pure = jax.jit(lambda p, s, g, tx=tx: pure_step(tx, g, s, p))
+    text = step.lower(params, state, params).compile().as_text()
+    assert_native_in(text)
+    if dtype == jnp.float32:
+      assert [name for name in COLLECTIVES if name in text] == []
+    for k in range(3):
+      grads = jax.tree.map(lambda x, k=k: jnp.sin(x * (k + 1)), params)
+      native = step(params, state, grads)
+      expected = pure(params, state, grads)
+      for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      params, state = native
+    assert params["w"].sharding.is_equivalent_to(sharding, 2)
+    moments = [x for x in jax.tree.leaves(state) if x.ndim == 2]
+    assert len(moments) == 3
+    assert all(x.sharding.is_equivalent_to(sharding, 2) for x in moments)
+
+
+@pytest.mark.host_devices
 def test_a_guarded_sharded_step_checks_and_steps_per_shard():
   """Under skip_nonfinite the check is XLA's per-shard reduction and one all-reduce of a
   flag; the kernel still steps each device's shards, and nothing is gathered."""

@@ -30,6 +30,7 @@ from amsgrad_jax._transform import ScaleByAmsgradState, step_scalars
 # aliased results of one custom call (400 leaves in one call: 7 s; in calls of 64: 0.5 s),
 # while a call costs microseconds; groups larger than this take several calls.
 LEAVES_PER_CALL = 64
+_BFLOAT16 = np.dtype(jnp.bfloat16)  # the moments stochastic state rounding can affect
 
 
 class GradScale(NamedTuple):
@@ -165,15 +166,17 @@ def _tree_layout_step(
       # Stochastic rounding numbers the elements of each whole parameter, and blockwise8
       # exponents are not shaped like their parameters: those calls see whole arrays
       # (XLA gathers a parameter split over devices first), the others run per shard.
+      narrow_state = _BFLOAT16 in (mu_storage, nu_storage)
+      state_rounding = rounding.float_state if narrow_state else Rounding.NEAREST
       if isinstance(mu_storage, int):
         outputs = _blockwise_call(scalars, [leaves[i] for i in batch], mode, rounding, batch)
-      elif Rounding.STOCHASTIC in (rounding.param, rounding.float_state):
+      elif Rounding.STOCHASTIC in (rounding.param, state_rounding):
         outputs = _interface.tree_call(
           scalars,
           [leaves[i] for i in batch],
           mode,
           rounding=rounding.param,
-          state_rounding=rounding.float_state,
+          state_rounding=state_rounding,
           leaf_ids=batch,
         )
       else:
