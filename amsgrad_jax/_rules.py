@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +135,10 @@ def amsgrad_step(
     a = jax.lax.optimization_barrier(jnp.ones((), nu.dtype))
   nu_max = jnp.maximum(nu_max, a * nu)
   root = jnp.sqrt(nu_max + eps_root)
-  denominator = (root if isinstance(d, float) and d == 1.0 else d * root) + eps
-  numerator = mu if isinstance(b, float) and b == 1.0 else b * mu
-  return nu_max, numerator / denominator
+  return nu_max, scaled(b, mu) / (scaled(d, root) + eps)
+
+
+def scaled(coefficient: Any, x: jax.Array) -> jax.Array:
+  """``coefficient * x``, or ``x`` itself when the coefficient is the literal 1, so that
+  a rule whose coefficient is 1 adds no operation to the step."""
+  return x if isinstance(coefficient, float) and coefficient == 1.0 else coefficient * x

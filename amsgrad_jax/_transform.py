@@ -13,7 +13,7 @@ from amsgrad_jax import _blockwise, _numerics, _rounding, _validation
 from amsgrad_jax._blockwise import Blockwise8
 from amsgrad_jax._flat import FlatLayout, FlatMoment, flat_zeros
 from amsgrad_jax._options import TransformOptions, built_from
-from amsgrad_jax._rules import Coefficients, Rule, amsgrad_step
+from amsgrad_jax._rules import Coefficients, Rule, amsgrad_step, scaled
 
 
 class ScaleByAmsgradState(NamedTuple):
@@ -185,10 +185,9 @@ def _blockwise_leaf_update(
   new_nu_max = store(nu_max_c, nu_max, upward=True)
   nu_bits = None if bits is None else bits >> 16
   if relative:
-    a = s.coefficients.nu_scale
-    scaled = nu_c if isinstance(a, float) and a == 1.0 else a * nu_c
+    scaled_nu = scaled(s.coefficients.nu_scale, nu_c)
     new_nu = _blockwise.quantize_nu(
-      scaled.astype(jnp.float32), _blockwise.dequantize(new_nu_max), nu.block_size, nu_bits
+      scaled_nu.astype(jnp.float32), _blockwise.dequantize(new_nu_max), nu.block_size, nu_bits
     )
   else:
     new_nu = store(nu_c, nu, upward=False, random=nu_bits)
