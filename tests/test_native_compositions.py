@@ -181,10 +181,9 @@ def test_a_rejected_step_leaves_everything_bit_identical():
   assert not bool(new_state.last_finite)
 
 
-def test_a_clip_by_global_norm_in_front_is_a_scalar_of_the_kernel():
-  """The clipped gradient is never written: XLA reads the gradients once for the norm,
-  the kernel reads them once more and updates everything else in place."""
-  tx = optax.chain(optax.clip_by_global_norm(1.0), amsgrad_jax.amsgrad(1e-2))
+def compiled_entry(tx: optax.GradientTransformation) -> str:
+  """The compiled ENTRY computation of ``apply_step`` with ``tx`` on one leaf of 64k,
+  jitted with the parameters and state donated, as training loops write it."""
   params = {"w": jnp.ones((1 << 16,))}
   state = tx.init(params)
 
@@ -192,7 +191,13 @@ def test_a_clip_by_global_norm_in_front_is_a_scalar_of_the_kernel():
     return amsgrad_jax.apply_step(tx, grads, state, params)
 
   step = jax.jit(train_step, donate_argnums=(0, 1))
-  entry = step.lower(params, state, params).compile().as_text().split("ENTRY")[1]
+  return step.lower(params, state, params).compile().as_text().split("ENTRY")[1]
+
+
+def test_a_clip_by_global_norm_in_front_is_a_scalar_of_the_kernel():
+  """The clipped gradient is never written: XLA reads the gradients once for the norm,
+  the kernel reads them once more and updates everything else in place."""
+  entry = compiled_entry(optax.chain(optax.clip_by_global_norm(1.0), amsgrad_jax.amsgrad(1e-2)))
   lines = entry.splitlines()
   writes = [line for line in lines if re.match(r"\s*%\S+ = f32\[65536\]\S* (fusion|copy)\(", line)]
   assert not writes, writes  # no loop writes a parameter-sized array: all in place
@@ -317,8 +322,9 @@ def test_pytorch_parity_with_clipping_in_front():
 
 GUARD_READS = """
 import re, sys
-import jax, jax.numpy as jnp, optax
+import jax, optax
 import amsgrad_jax
+from test_native_compositions import compiled_entry
 
 assert jax.device_count() == 1
 tx = amsgrad_jax.skip_nonfinite(amsgrad_jax.amsgrad(1e-2), 3)
@@ -326,14 +332,7 @@ if sys.argv[1] == "clipped":
   tx = amsgrad_jax.skip_nonfinite(
     optax.chain(optax.clip_by_global_norm(1.0), amsgrad_jax.amsgradw(1e-2)), 3
   )
-params = {"w": jnp.ones((1 << 16,))}
-state = tx.init(params)
-
-def train_step(params, state, grads):
-  return amsgrad_jax.apply_step(tx, grads, state, params)
-
-step = jax.jit(train_step, donate_argnums=(0, 1))
-entry = step.lower(params, state, params).compile().as_text().split("ENTRY")[1]
+entry = compiled_entry(tx)
 print("check kernel:", 'custom_call_target="amsgrad_jax_check"' in entry)
 print("gradient reads:", sum(bool(re.search(r" fusion\\(%g", l)) for l in entry.splitlines()))
 """
@@ -350,6 +349,7 @@ def test_the_guard_reads_the_gradients_only_in_the_kernel(optimizer, gradient_re
     text=True,
     check=False,
     timeout=300,
+    cwd=os.path.dirname(__file__),  # where the script imports compiled_entry from
     env={
       **os.environ,
       "JAX_PLATFORMS": "cpu",
