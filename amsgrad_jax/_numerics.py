@@ -158,6 +158,21 @@ def cast_rounding_up(x: jax.Array, dtype: Any) -> jax.Array:
     return jax.lax.complex(
       cast_rounding_up(x.real, part_dtype), cast_rounding_up(x.imag, part_dtype)
     )
+  if dtype == np.dtype(jnp.bfloat16) and x.dtype == np.dtype(np.float32):
+    return _bfloat16_rounding_up(x)
   nearest = x.astype(dtype)
   too_low = nearest.astype(x.dtype) < x
   return jnp.where(too_low, jnp.nextafter(nearest, jnp.asarray(jnp.inf, dtype)), nearest)
+
+
+def _bfloat16_rounding_up(x: jax.Array) -> jax.Array:
+  """Float32 ``x`` rounded toward +infinity to bfloat16, float32's top 16 bits: a positive
+  ``x`` carries a nonzero low half into them, a negative one drops it; a NaN becomes a
+  quiet NaN. Integer operations on the bits only (no comparison that flushes a subnormal
+  ``x`` to zero): the native kernel's arithmetic, bit for bit."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  toward_zero = bits >> 16
+  away = (bits + np.uint32(0xFFFF)) >> 16
+  rounded = jnp.where(bits >> 31 == 1, toward_zero, away)
+  rounded = jnp.where(jnp.isnan(x), toward_zero | np.uint32(0x40), rounded)
+  return jax.lax.bitcast_convert_type(rounded.astype(jnp.uint16), jnp.bfloat16)

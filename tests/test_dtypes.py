@@ -262,3 +262,26 @@ def test_bfloat16_parameters_train_to_the_float32_loss(convention, state_dtype):
   _, bfloat16_final = train(jnp.bfloat16, convention, mu_dtype=state_dtype, nu_dtype=state_dtype)
   assert float32_final < 2e-3 * initial
   assert abs(bfloat16_final - float32_final) <= 2.5e-3 * initial
+
+
+def test_rounding_up_to_bfloat16_is_the_least_bfloat16_not_below_every_float32():
+  """Every sign, binade and subnormal: the rounded value is not below x (compared exactly in
+  float64, where no subnormal is flushed), and the next bfloat16 toward -infinity is."""
+  import ml_dtypes  # jax's own dependency
+
+  from amsgrad_jax._numerics import cast_rounding_up
+
+  rng = np.random.default_rng(0)
+  bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+  x = bits.view(np.float32)
+  x = x[np.isfinite(x)]
+  x = np.concatenate([x, np.float32([0.0, -0.0, 1e-45, -1e-45, 3.4028235e38, -3.4028235e38])])
+  up = np.asarray(cast_rounding_up(jnp.asarray(x), jnp.bfloat16))
+  assert up.dtype == ml_dtypes.bfloat16
+  wide, value = x.astype(np.float64), up.astype(np.float64)
+  assert (value >= wide).all()
+  below = np.nextafter(up, np.asarray(-np.inf, ml_dtypes.bfloat16)).astype(np.float64)
+  assert (below < wide).all()
+  special = np.asarray(cast_rounding_up(jnp.float32([np.nan, np.inf, -np.inf]), jnp.bfloat16))
+  assert np.isnan(special[0])
+  np.testing.assert_array_equal(special[1:], [np.inf, -np.inf])

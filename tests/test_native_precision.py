@@ -246,3 +246,29 @@ def test_float16_parameters_with_stochastic_rounding_fall_back():
   status = amsgrad_jax.native_status(tx, tx.init(params), params)
   assert not status.active
   assert "float16" in status.reason
+
+
+@pytest.mark.parametrize("state_rounding", ["nearest", "stochastic"])
+def test_bfloat16_maxima_of_tiny_gradients_round_up_alike_on_both_paths(state_rounding):
+  """Gradients from 1e-25 to 1e-15, so that many second moments fall to float32's
+  subnormal range (which XLA flushes to zero) and many just above it: the maximum rounded up to bfloat16 is the same bits natively and on the
+  Optax path (integer arithmetic on the float32 bits, no comparison that flushes)."""
+  tx = amsgrad_jax.amsgrad(
+    1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16, state_rounding=state_rounding
+  )
+  rng = np.random.default_rng(4)
+  shape = (4, 1000)
+  params = {"w": jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)}
+  grads = []
+  for _ in range(20):
+    magnitude = 10.0 ** rng.uniform(-25, -15, shape)
+    grads.append({"w": jnp.asarray(rng.choice([-1, 1], shape) * magnitude, jnp.bfloat16)})
+  assert amsgrad_jax.native_status(tx, tx.init(params), params).active
+  native = _run(tx, params, grads, native=True)
+  optax_path = _run(tx, params, grads, native=False)
+  (amsgrad_state,) = [s for s in native[1] if hasattr(s, "nu_max")]
+  nu_max = np.asarray(amsgrad_state.nu_max["w"], np.float32)
+  assert np.mean(nu_max == 0) > 0.001  # flushed to zero
+  assert np.mean((nu_max > 0) & (nu_max < 1e-33)) > 0.01  # just above
+  for a, b in zip(_bits(native), _bits(optax_path), strict=True):
+    np.testing.assert_array_equal(a, b)
