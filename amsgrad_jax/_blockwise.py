@@ -302,10 +302,12 @@ def encode(
   rounded to nearest (ties to even), toward +infinity (``upward``) or, given random
   ``bits`` (``uint32``, 16 of them used), stochastically.
 
-  Stochastically, ``|x|`` between the codes ``l < |x| < h`` takes ``h`` when
-  ``u (h - l) < |x| - l`` with ``u = bits / 2**16``: both sides are exact (``h - l`` is a
-  power of two, ``|x| - l`` exact by Sterbenz's lemma), so the probability is exactly
-  ``(|x| - l) / (h - l)`` to 16 bits, with no division.
+  Stochastically, ``|x|`` between the codes ``l < |x| < h`` takes ``h`` with probability
+  ``(|x| - l) / (h - l)`` to 16 bits: a code is float32's sign, exponent and top ``m``
+  mantissa bits, so adding 16 random bits just below the cut to ``|x|``'s bits and
+  cutting carries into the code above with exactly that probability (below the smallest
+  normal code, ``|x| + 2**emin`` puts the units of the code's gradual underflow at the
+  cut). Integer additions and shifts, as in the native kernel.
   """
   m = code.mantissa_bits
   scaled = jnp.abs(x) * _power_of_two(-exponent)  # exact: a power of two
@@ -323,18 +325,14 @@ def encode(
 
 def _encode_stochastic(x: jax.Array, scaled: jax.Array, code: Code, bits: jax.Array) -> jax.Array:
   m = code.mantissa_bits
-  low_bits = np.uint32((1 << (23 - m)) - 1)
-  normal = ((_bits(scaled) & ~low_bits) >> (23 - m)).astype(jnp.int32) - (
-    (127 + code.emin - 1) << m
-  )
-  tiny = jnp.minimum(scaled * np.float32(2.0 ** (m - code.emin)), np.float32(256.0))
-  subnormal = jnp.floor(tiny).astype(jnp.int32)
-  below = jnp.where(scaled < np.float32(2.0**code.emin), subnormal, normal)
-  below = jnp.clip(below, 0, code.largest)
-  low = _magnitude_value(below, code)
-  spacing = _magnitude_value(jnp.minimum(below + 1, code.largest), code) - low
-  uniform = (bits & np.uint32(0xFFFF)).astype(jnp.float32) * np.float32(2.0**-16)
-  magnitude = below + (uniform * spacing < scaled - low).astype(jnp.int32)
+  smallest_normal = np.float32(2.0**code.emin)
+  subnormal = scaled < smallest_normal
+  # Below the smallest normal code the codes are whole units of 2**(emin - m), the spacing
+  # of float32's mantissa field cut to m bits in the binade [2**emin, 2**(emin + 1)).
+  shifted = jnp.where(subnormal, scaled + smallest_normal, scaled)
+  uniform = (bits & np.uint32(0xFFFF)) << np.uint32(7 - m)  # 16 bits under the cut
+  field = ((_bits(shifted) + uniform) >> (23 - m)).astype(jnp.int32)
+  magnitude = field - ((127 + code.emin - 1) << m) - jnp.where(subnormal, 1 << m, 0)
   return _signed(x, jnp.minimum(magnitude, code.largest), code)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 ROUNDING_MODES = ("nearest", "stochastic")
 NARROW_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
-_GOLDEN = np.uint32(0x9E3779B9)
+GOLDEN = np.uint32(0x9E3779B9)
 LEAF_MULTIPLIER = np.uint32(0x85EBCA6B)
 # Added to a leaf's key for the random bits of its 8-bit moments (mu takes the low 16 bits,
 # nu the high 16), so that they are independent of the parameter's.
@@ -51,7 +51,7 @@ def step_key(seed: Any, count: jax.Array) -> jax.Array:
   """The ``uint32`` key of one step: the seed and the step count, hashed."""
   if isinstance(seed, int | np.integer):
     seed = np.uint32(int(seed))
-  start = jnp.asarray(seed).astype(jnp.uint32) + _GOLDEN  # an array under inject_hyperparams
+  start = jnp.asarray(seed).astype(jnp.uint32) + GOLDEN  # an array under inject_hyperparams
   return mix(mix(start) ^ count.astype(jnp.uint32))
 
 
@@ -61,6 +61,17 @@ def leaf_bits(key: jax.Array, leaf: int, shape: tuple[int, ...], salt: int = 0) 
   leaf_key = mix(key + np.uint32((leaf * int(LEAF_MULTIPLIER) + salt) & 0xFFFFFFFF))
   index = jax.lax.broadcasted_iota(jnp.uint32, (int(np.prod(shape)),), 0).reshape(shape)
   return mix(mix(index + leaf_key) ^ key)
+
+
+def moment_bits(key: jax.Array, leaf: int, shape: tuple[int, ...]) -> jax.Array:
+  """32 random bits per element for the stochastic rounding of leaf number ``leaf``'s
+  :func:`~amsgrad_jax.blockwise8` moments (``mu`` takes the low 16, ``nu`` the high 16):
+  one hash per element, as SplitMix32 draws, ``mix(index * golden + leaf_key)`` with the
+  leaf's key salted by :data:`STATE_SALT`. One hash instead of two is what an 8-bit step
+  can afford; every element of every step still gets its own well-mixed bits."""
+  leaf_key = mix(key + np.uint32((leaf * int(LEAF_MULTIPLIER) + STATE_SALT) & 0xFFFFFFFF))
+  index = jax.lax.broadcasted_iota(jnp.uint32, (int(np.prod(shape)),), 0).reshape(shape)
+  return mix(index * GOLDEN + leaf_key)
 
 
 def _next(x: jax.Array, upward: jax.Array) -> jax.Array:

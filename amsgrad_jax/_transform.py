@@ -317,6 +317,8 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
       stochastic = options.state_rounding or ("stochastic" if blockwise else "nearest")
       if stochastic != "stochastic":
         return None
+      if blockwise:
+        return lambda shape: _rounding.moment_bits(key, index, shape)
       return lambda shape: _rounding.leaf_bits(key, index, shape, _rounding.STATE_SALT)
 
     results = [

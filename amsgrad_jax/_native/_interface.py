@@ -120,6 +120,7 @@ def _constants() -> dict[str, int]:
     },
     "code_highest_scale": _blockwise.HIGHEST_SCALE,
     "round_leaf_multiplier": int(_rounding.LEAF_MULTIPLIER),
+    "round_golden": int(_rounding.GOLDEN),
     "round_state_salt": _rounding.STATE_SALT,
   }
 

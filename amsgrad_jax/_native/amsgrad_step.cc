@@ -152,6 +152,12 @@ inline uint32_t ElementBits(uint32_t key, uint32_t leaf_key, size_t index) {
   return Mix(Mix(static_cast<uint32_t>(index) + leaf_key) ^ key);
 }
 
+// 32 random bits of element `index` for a leaf's 8-bit moments (as _rounding.moment_bits):
+// one hash, SplitMix32's.
+inline uint32_t MomentBits(uint32_t state_key, size_t index) {
+  return Mix(static_cast<uint32_t>(index) * kRoundGolden + state_key);
+}
+
 // The bfloat16 neighbour of `x` toward +infinity (upward) or -infinity.
 inline bf16 NextBf16(bf16 x, bool upward) {
   const bool negative = x >= 0x8000u;
@@ -259,33 +265,21 @@ inline float MagnitudeValue(int32_t magnitude) {
   return biased == 0 ? subnormal : normal;
 }
 
-// Stochastic rounding onto the code (as _blockwise._encode_stochastic): the code below
-// |x|, plus one when u (h - l) < |x| - l, with u the low 16 bits of `random` over 2**16.
-// The code below, its value l and the spacing h - l come from the float's bits directly
-// (every quantity is exact, so this is the Optax path's arithmetic, value for value).
+// Stochastic rounding onto the code (as _blockwise._encode_stochastic): 16 random bits
+// added just below the code's cut of |x|'s float32 bits carry into the code above with the
+// probability of the dropped fraction; below the smallest normal code, |x| + 2**emin puts
+// the units of the gradual underflow at the cut.
 template <int kKind>
 inline uint8_t EncodeStochastic(float x, float inverse_scale, uint32_t random) {
   using Code = CodeOf<kKind>;
   constexpr int m = Code::kMantissaBits;
-  constexpr uint32_t kLow = (1u << (23 - m)) - 1;
   const float scaled = std::fabs(x) * inverse_scale;
-  const uint32_t bits = FloatToBits(scaled);
   const bool subnormal = scaled < Code::kSmallestNormal;
-  // Normal: truncate the mantissa; the spacing is 2**(exponent - m).
-  const int32_t normal = static_cast<int32_t>((bits & ~kLow) >> (23 - m)) - ((127 + Code::kEmin - 1) << m);
-  const float normal_low = BitsToFloat(bits & ~kLow);
-  const float normal_spacing = BitsToFloat(((bits >> 23) - m) << 23);
-  // Subnormal: whole units of the smallest code.
-  float tiny = scaled * Code::kPerSubnormalUnit;
-  tiny = tiny < 256.0f ? tiny : 256.0f;
-  const float tiny_floor = std::floor(tiny);
-  int32_t below = subnormal ? static_cast<int32_t>(tiny_floor) : normal;
-  const float low = subnormal ? tiny_floor * Code::kSubnormalUnit : normal_low;
-  const float spacing = subnormal ? Code::kSubnormalUnit : normal_spacing;
-  const float uniform = static_cast<float>(random & 0xFFFFu) * 0x1p-16f;
-  const bool top = below >= Code::kLargest;  // the top code: nothing above (h - l = 0)
-  int32_t magnitude = below + ((!top && uniform * spacing < scaled - low) ? 1 : 0);
-  magnitude = magnitude < 0 ? 0 : (magnitude > Code::kLargest ? Code::kLargest : magnitude);
+  const float shifted = subnormal ? scaled + Code::kSmallestNormal : scaled;
+  const uint32_t bits = FloatToBits(shifted) + ((random & 0xFFFFu) << (7 - m));
+  int32_t magnitude = static_cast<int32_t>(bits >> (23 - m)) - ((127 + Code::kEmin - 1) << m) -
+                      (subnormal ? (1 << m) : 0);
+  magnitude = magnitude > Code::kLargest ? Code::kLargest : magnitude;
   if (Code::kSigned) magnitude |= (x < 0 && magnitude > 0) ? 0x80 : 0;
   return static_cast<uint8_t>(magnitude);
 }
@@ -908,7 +902,7 @@ inline void EncodeBlock(const float* __restrict__ m, const float* __restrict__ v
     const float complement = 1.0f - ratio;
     nu_max[k] = maximum_code;
     if constexpr (kStateStochastic) {
-      const uint32_t random = ElementBits(key, state_key, first + k);
+      const uint32_t random = MomentBits(state_key, first + k);
       mu[k] = EncodeStochastic<kMu>(m[k], m_inverse, random);
       nu[k] = EncodeStochastic<kNu>(complement, 1.0f, random >> 16);
     } else {
