@@ -345,11 +345,10 @@ def _signed(x: jax.Array, magnitude: jax.Array, code: Code) -> jax.Array:
 def _magnitude_value(magnitude: jax.Array, code: Code) -> jax.Array:
   """The value of a magnitude field (no sign, no block scale), float32."""
   m = code.mantissa_bits
-  biased = magnitude >> m
-  mantissa = magnitude & ((1 << m) - 1)
-  normal = _float(((biased - 1 + code.emin + 127) << 23) | (mantissa << (23 - m)))
-  subnormal = mantissa.astype(jnp.float32) * np.float32(2.0 ** (code.emin - m))
-  return jnp.where(biased == 0, subnormal, normal)
+  # A normal field is float32's exponent and top mantissa bits with the bias moved.
+  normal = _float((magnitude << (23 - m)) + ((code.emin - 1 + 127) << 23))
+  subnormal = magnitude.astype(jnp.float32) * np.float32(2.0 ** (code.emin - m))
+  return jnp.where(magnitude < (1 << m), subnormal, normal)
 
 
 def decode(codes: jax.Array, exponent: jax.Array, code: Code) -> jax.Array:

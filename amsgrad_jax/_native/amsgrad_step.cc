@@ -289,11 +289,12 @@ inline float Decode(uint8_t code, float scale) {
   using Code = CodeOf<kKind>;
   constexpr int m = Code::kMantissaBits;
   const uint32_t magnitude = code & static_cast<uint32_t>(Code::kLargest);
-  const uint32_t biased = magnitude >> m, mantissa = magnitude & ((1u << m) - 1);
-  const float normal = BitsToFloat(((biased + static_cast<uint32_t>(Code::kEmin - 1 + 127)) << 23) |
-                                   (mantissa << (23 - m)));
-  const float subnormal = static_cast<float>(static_cast<int32_t>(mantissa)) * Code::kSubnormalUnit;
-  const float value = (biased == 0 ? subnormal : normal) * scale;
+  // A normal code is float32's exponent and top mantissa bits, with the exponent's bias
+  // moved; below 1 << m, whole units of the gradual underflow.
+  const float normal = BitsToFloat((magnitude << (23 - m)) +
+                                   (static_cast<uint32_t>(Code::kEmin - 1 + 127) << 23));
+  const float subnormal = static_cast<float>(static_cast<int32_t>(magnitude)) * Code::kSubnormalUnit;
+  const float value = (magnitude < (1u << m) ? subnormal : normal) * scale;
   if constexpr (Code::kSigned) {
     return BitsToFloat(FloatToBits(value) | (static_cast<uint32_t>(code & 0x80u) << 24));
   }
