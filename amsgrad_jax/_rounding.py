@@ -33,8 +33,8 @@ NARROW_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 GOLDEN = np.uint32(0x9E3779B9)
 LEAF_MULTIPLIER = np.uint32(0x85EBCA6B)
-# Added to a leaf's key for the random bits of its 8-bit moments (mu takes the low 16 bits,
-# nu the high 16), so that they are independent of the parameter's.
+# Added to a leaf's key for the random bits of its moments' stochastic rounding, so that
+# they are independent of the parameter's.
 STATE_SALT = 0x68E31DA4
 
 
@@ -55,23 +55,28 @@ def step_key(seed: Any, count: jax.Array) -> jax.Array:
   return mix(mix(start) ^ count.astype(jnp.uint32))
 
 
-def leaf_bits(key: jax.Array, leaf: int, shape: tuple[int, ...], salt: int = 0) -> jax.Array:
-  """32 random bits per element of leaf number ``leaf`` (in tree order), from ``key``;
-  ``salt`` 0 for the parameters, :data:`STATE_SALT` for the moments' stochastic rounding."""
-  leaf_key = mix(key + np.uint32((leaf * int(LEAF_MULTIPLIER) + salt) & 0xFFFFFFFF))
-  index = jax.lax.broadcasted_iota(jnp.uint32, (int(np.prod(shape)),), 0).reshape(shape)
-  return mix(mix(index + leaf_key) ^ key)
+def _leaf_key(key: jax.Array, leaf: int, salt: int) -> jax.Array:
+  return mix(key + np.uint32((leaf * int(LEAF_MULTIPLIER) + salt) & 0xFFFFFFFF))
+
+
+def _indices(shape: tuple[int, ...]) -> jax.Array:
+  return jax.lax.broadcasted_iota(jnp.uint32, (int(np.prod(shape)),), 0).reshape(shape)
+
+
+def leaf_bits(key: jax.Array, leaf: int, shape: tuple[int, ...]) -> jax.Array:
+  """32 random bits per element of the parameter leaf number ``leaf`` (in tree order),
+  from ``key``: two hashes per element."""
+  return mix(mix(_indices(shape) + _leaf_key(key, leaf, 0)) ^ key)
 
 
 def moment_bits(key: jax.Array, leaf: int, shape: tuple[int, ...]) -> jax.Array:
   """32 random bits per element for the stochastic rounding of leaf number ``leaf``'s
-  :func:`~amsgrad_jax.blockwise8` moments (``mu`` takes the low 16, ``nu`` the high 16):
-  one hash per element, as SplitMix32 draws, ``mix(index * golden + leaf_key)`` with the
-  leaf's key salted by :data:`STATE_SALT`. One hash instead of two is what an 8-bit step
-  can afford; every element of every step still gets its own well-mixed bits."""
-  leaf_key = mix(key + np.uint32((leaf * int(LEAF_MULTIPLIER) + STATE_SALT) & 0xFFFFFFFF))
-  index = jax.lax.broadcasted_iota(jnp.uint32, (int(np.prod(shape)),), 0).reshape(shape)
-  return mix(index * GOLDEN + leaf_key)
+  moments (``mu`` takes the low 16, ``nu`` the high 16; a float16 ``nu`` hashes them once
+  more): one hash per element, as SplitMix32 draws, ``mix(index * golden + leaf_key)``
+  with the leaf's key salted by :data:`STATE_SALT`. One hash, not two, is what the
+  narrow-state step can afford; every element of every step still gets its own
+  well-mixed bits."""
+  return mix(_indices(shape) * GOLDEN + _leaf_key(key, leaf, STATE_SALT))
 
 
 def _next(x: jax.Array, upward: jax.Array) -> jax.Array:

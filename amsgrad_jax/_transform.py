@@ -139,13 +139,16 @@ def leaf_update(
 
 def _store(value: jax.Array, dtype: Any, state_bits: Any, shape: Any, moment: int) -> jax.Array:
   """``value`` (float32) stored as a narrow float ``dtype``: stochastically when
-  ``state_bits`` (``shape -> uint32 bits``) is given, ``mu`` with the bits, ``nu`` with
-  them hashed once more; else (and for every other dtype) to nearest."""
+  ``state_bits`` (``shape -> uint32 bits``) is given, else (and for every other dtype) to
+  nearest. bfloat16 rounding takes 16 random bits: ``mu`` the low half, ``nu`` the high
+  half of one hash; float16 takes 24, so ``nu``'s are hashed once more."""
   narrow = np.dtype(dtype) in _rounding.NARROW_DTYPES and value.dtype == jnp.float32
   if state_bits is None or not narrow:
     return value.astype(dtype)
   bits = state_bits(shape)
-  return _rounding.stochastic_round(value, dtype, bits if moment == 0 else _rounding.mix(bits))
+  if moment == 1:
+    bits = bits >> 16 if np.dtype(dtype) == np.dtype(jnp.bfloat16) else _rounding.mix(bits)
+  return _rounding.stochastic_round(value, dtype, bits)
 
 
 def _blockwise_leaf_update(
@@ -317,9 +320,7 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
       stochastic = options.state_rounding or ("stochastic" if blockwise else "nearest")
       if stochastic != "stochastic":
         return None
-      if blockwise:
-        return lambda shape: _rounding.moment_bits(key, index, shape)
-      return lambda shape: _rounding.leaf_bits(key, index, shape, _rounding.STATE_SALT)
+      return lambda shape: _rounding.moment_bits(key, index, shape)
 
     results = [
       leaf_update(

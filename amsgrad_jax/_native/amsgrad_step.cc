@@ -397,8 +397,8 @@ inline bool Finite(C x) { return (x - x) == C(0); }
 // kCheck: write nothing; return whether the step would leave every value the guard
 // (skip_nonfinite) looks at finite: the gradient, the update and the stored state.
 // kStochastic: the bfloat16 parameters are rounded stochastically; kStateStochastic: the
-// bfloat16 moments, mu with the element's bits under `state_key` and nu with them mixed
-// once more.
+// bfloat16 moments, mu with the low and nu with the high 16 of the element's bits under
+// `state_key`.
 template <typename P, typename M, typename N, typename C, int64_t kDecay, bool kCheck,
           bool kStochastic, bool kStateStochastic, bool kClip>
 inline bool StepRun(P* __restrict__ params, const P* __restrict__ grads, M* __restrict__ mu,
@@ -416,9 +416,9 @@ inline bool StepRun(P* __restrict__ params, const P* __restrict__ grads, M* __re
     } else {
       params[i] = NewParam<P, C, kStochastic>(p, e.u, s, i, leaf_key);
       if constexpr (kStateStochastic) {
-        const uint32_t random = ElementBits(s.key, state_key, i);
+        const uint32_t random = MomentBits(state_key, i);
         mu[i] = StoreMoment<M, C, true>(e.m, random);
-        nu[i] = StoreMoment<N, C, true>(e.v, Mix(random));
+        nu[i] = StoreMoment<N, C, true>(e.v, random >> 16);
       } else {
         mu[i] = Nearest<M>(e.m);
         nu[i] = Nearest<N>(e.v);
