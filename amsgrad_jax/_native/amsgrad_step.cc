@@ -152,8 +152,8 @@ inline uint32_t ElementBits(uint32_t key, uint32_t leaf_key, size_t index) {
   return Mix(Mix(static_cast<uint32_t>(index) + leaf_key) ^ key);
 }
 
-// 32 random bits of element `index` for a leaf's 8-bit moments (as _rounding.moment_bits):
-// one hash, SplitMix32's.
+// 32 random bits of element `index` for the stochastic rounding of a leaf's moments (as
+// _rounding.moment_bits): one hash, SplitMix32's.
 inline uint32_t MomentBits(uint32_t state_key, size_t index) {
   return Mix(static_cast<uint32_t>(index) * kRoundGolden + state_key);
 }
@@ -250,19 +250,6 @@ inline uint8_t Encode(float x, float inverse_scale) {
   magnitude = magnitude < 0 ? 0 : (magnitude > Code::kLargest ? Code::kLargest : magnitude);
   if (Code::kSigned) magnitude |= (x < 0 && magnitude > 0) ? 0x80 : 0;
   return static_cast<uint8_t>(magnitude);
-}
-
-// The value of a magnitude field (no sign, no block scale).
-template <int kKind>
-inline float MagnitudeValue(int32_t magnitude) {
-  using Code = CodeOf<kKind>;
-  constexpr int m = Code::kMantissaBits;
-  const uint32_t field = static_cast<uint32_t>(magnitude);
-  const uint32_t biased = field >> m, mantissa = field & ((1u << m) - 1);
-  const float normal = BitsToFloat(((biased + static_cast<uint32_t>(Code::kEmin - 1 + 127)) << 23) |
-                                   (mantissa << (23 - m)));
-  const float subnormal = static_cast<float>(static_cast<int32_t>(mantissa)) * Code::kSubnormalUnit;
-  return biased == 0 ? subnormal : normal;
 }
 
 // Stochastic rounding onto the code (as _blockwise._encode_stochastic): 16 random bits
