@@ -88,6 +88,28 @@ def test_stochastic_encoding_is_unbiased_between_neighbouring_codes(code):
     assert abs(decoded.mean() - value) < 0.01 * spacing
 
 
+@pytest.mark.parametrize("code", CODES, ids=CODE_IDS)
+def test_stochastic_encoding_is_exact_to_16_bits_over_every_random_draw(code):
+  """Over all 2**16 values of the 16 random bits, the mean decoded value is x to within
+  2**-16 of the spacing of the two codes around it: normal and gradual-underflow codes,
+  both signs where the code has one."""
+  rng = np.random.default_rng(3)
+  top = np.float32(2.0 - 2.0**-code.mantissa_bits)
+  low, high = np.log2(2.0 ** (code.emin - code.mantissa_bits)), np.log2(float(top))
+  magnitudes = (2.0 ** rng.uniform(low, high, 48)).astype(np.float32)
+  signs = rng.choice([-1.0, 1.0], 48) if code.signed else np.ones(48)
+  x = jnp.asarray((signs * magnitudes).astype(np.float32))[:, None]
+  bits = jnp.arange(2**16, dtype=jnp.uint32)[None, :]
+  exponent = jnp.int32(0)
+  codes = bw.encode(jnp.broadcast_to(x, (48, 2**16)), exponent, code, False, bits)
+  decoded = np.asarray(bw.decode(codes, exponent, code), np.float64)
+  below, above = decoded.min(axis=1), decoded.max(axis=1)
+  value = np.asarray(x, np.float64)[:, 0]
+  assert np.all((below <= value) & (value <= above))
+  spacing = np.where(above > below, above - below, 1.0)
+  np.testing.assert_array_less(np.abs(decoded.mean(axis=1) - value), spacing * 2.0**-16 * 1.01)
+
+
 @pytest.mark.parametrize("stored", ["both", "mu", "nu"])
 def test_moving_averages_do_not_stall_in_8_bits(stored):
   """Rounded to nearest, 3 mantissa bits would hold mu at 0.75 under a constant gradient
