@@ -182,3 +182,30 @@ def test_stochastic_bfloat16_state_keeps_the_moving_average_of_nu():
     results[rounding] = float(jnp.mean(state.nu["w"].astype(jnp.float32)))
   assert abs(results["stochastic"] - results[None]) < 0.01 * results[None]
   assert abs(results["nearest"] - results[None]) > 0.3 * results[None]
+
+
+def test_the_moments_random_bits_are_uniform_and_independent():
+  """One hash per element: both 16-bit halves uniform, uncorrelated with each other, with
+  the neighbouring element's, with the same element's at the next step and in the next
+  leaf (the draws of stochastic rounding must not repeat a pattern)."""
+  shape = (256, 256)
+
+  def halves(count, leaf):
+    bits = np.asarray(_rounding.moment_bits(_rounding.step_key(7, jnp.int32(count)), leaf, shape))
+    return (bits & 0xFFFF) / 2.0**16, (bits >> 16) / 2.0**16
+
+  low, high = halves(1, 0)
+  next_step, _ = halves(2, 0)
+  next_leaf, _ = halves(1, 1)
+  n = low.size
+  for u in (low, high):
+    assert abs(u.mean() - 0.5) < 4 / np.sqrt(12 * n)
+    counts = np.histogram(u, bins=16, range=(0, 1))[0]
+    assert counts.min() > 0.9 * n / 16
+    assert counts.max() < 1.1 * n / 16
+
+  def correlation(a, b):
+    return abs(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+  for other in (high, next_step, next_leaf, np.roll(low, 1)):
+    assert correlation(low, other) < 4 / np.sqrt(n)
