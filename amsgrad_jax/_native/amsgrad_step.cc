@@ -391,15 +391,17 @@ template <typename P, typename M, typename N, typename C, int64_t kDecay, bool k
 inline bool StepRun(P* __restrict__ params, const P* __restrict__ grads, M* __restrict__ mu,
                     N* __restrict__ nu, N* __restrict__ nu_max, size_t begin, size_t end,
                     const Scalars<C>& s, uint32_t leaf_key, uint32_t state_key) {
-  bool finite = true;
+  // A 32-bit flag, not a bool: GCC vectorises an AND over unsigned lanes, not over bools.
+  uint32_t finite = 1;
   for (size_t i = begin; i < end; ++i) {
     const C p = Load<C>(params[i]);
     const Element<C> e = Compute<P, C, kDecay, false, kClip>(
         p, Load<C>(grads[i]), Load<C>(mu[i]), Load<C>(nu[i]), Load<C>(nu_max[i]), s);
     if constexpr (kCheck) {
-      finite &= Finite(e.g) & Finite(Through<P>(s.neg_lr * e.u)) &
-                Finite(Load<C>(Nearest<M>(e.m))) & Finite(Load<C>(Nearest<N>(e.v))) &
-                Finite(Load<C>(Upward<N>(e.v_max)));
+      const bool all = Finite(e.g) & Finite(Through<P>(s.neg_lr * e.u)) &
+                       Finite(Load<C>(Nearest<M>(e.m))) & Finite(Load<C>(Nearest<N>(e.v))) &
+                       Finite(Load<C>(Upward<N>(e.v_max)));
+      finite &= static_cast<uint32_t>(all);
     } else {
       params[i] = NewParam<P, C, kStochastic>(p, e.u, s, i, leaf_key);
       if constexpr (kStateStochastic) {
@@ -413,7 +415,7 @@ inline bool StepRun(P* __restrict__ params, const P* __restrict__ grads, M* __re
       nu_max[i] = Upward<N>(e.v_max);
     }
   }
-  return finite;
+  return finite != 0;
 }
 
 // Elements a loop runs between software prefetches, and how far ahead those reach. The
