@@ -280,7 +280,8 @@ inline float Decode(uint8_t code, float scale) {
   // moved; below 1 << m, whole units of the gradual underflow.
   const float normal = BitsToFloat((magnitude << (23 - m)) +
                                    (static_cast<uint32_t>(Code::kEmin - 1 + 127) << 23));
-  const float subnormal = static_cast<float>(static_cast<int32_t>(magnitude)) * Code::kSubnormalUnit;
+  const float subnormal =
+      static_cast<float>(static_cast<int32_t>(magnitude)) * Code::kSubnormalUnit;
   const float value = (magnitude < (1u << m) ? subnormal : normal) * scale;
   if constexpr (Code::kSigned) {
     return BitsToFloat(FloatToBits(value) | (static_cast<uint32_t>(code & 0x80u) << 24));
@@ -765,7 +766,8 @@ ffi::Error AmsgradCheck(ffi::ThreadPool pool, int64_t decay, ffi::AnyBuffer scal
 // results: the state buffers, then per leaf FlatLeafResultIndex. Attribute `offsets`: each
 // leaf's first element in the state buffers.
 ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
-                           int64_t state_rounding, ffi::Span<const int64_t> leaf_ids, ffi::Span<const int64_t> offsets,
+                           int64_t state_rounding, ffi::Span<const int64_t> leaf_ids,
+                           ffi::Span<const int64_t> offsets,
                            ffi::AnyBuffer scalars, ffi::RemainingArgs args,
                            ffi::RemainingRets rets) {
   const size_t num_leaves = offsets.size();
@@ -813,7 +815,8 @@ ffi::Error AmsgradStepFlat(ffi::ThreadPool pool, int64_t decay, int64_t rounding
       return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: unsupported dtypes or shapes");
     }
     const Mode mode{false, rounding == kRoundingStochastic, state_rounding == kRoundingStochastic};
-    StepFn step = SelectStep(params.element_type(), mu.element_type(), nu.element_type(), decay, mode);
+    StepFn step =
+        SelectStep(params.element_type(), mu.element_type(), nu.element_type(), decay, mode);
     if (!AcceptStep(*work, i, step)) {
       return ffi::Error::InvalidArgument("amsgrad_jax_step_flat: one call takes one dtype group");
     }
