@@ -39,6 +39,13 @@
 #include "amsgrad_interface.h"
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define AMSGRAD_JAX_VECTOR_CODES 1
+#else
+#define AMSGRAD_JAX_VECTOR_CODES 0
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -288,6 +295,140 @@ inline float Decode(uint8_t code, float scale) {
   }
   return value;
 }
+
+#if AMSGRAD_JAX_VECTOR_CODES
+// ---- 8-bit codes, sixteen at a time (AVX-512) ----------------------------------------------
+//
+// Every code's gradual underflow starts at 2**-14 and its top binade is [1, 2), as float16's
+// below 2: a code is the float16 bit pattern of its value with the low 10 - m mantissa bits
+// dropped (mu's sign moved from bit 7 to bit 15). So float16 conversions decode a code
+// exactly, and encode it in two roundings that equal the scalar functions' one: onto the
+// float16 grid, which contains the code's, then onto the code, toward +infinity both times
+// (ceil of ceil is ceil), or to nearest after a round-to-odd conversion (which keeps the
+// sticky bit: float16 has at least 6 bits below the code's cut). Stochastic rounding is
+// the scalar integer arithmetic, vectorised.
+
+template <int kKind>
+constexpr void CheckFloat16Layout() {
+  using Code = CodeOf<kKind>;
+  static_assert(Code::kEmin == -14, "a code's gradual underflow must start where float16's does");
+  static_assert(Code::kLargest == (Code::kSigned ? 0x7F : 0xFF),
+                "a code's magnitude is 7 or 8 bits");
+}
+
+// The values of 16 codes times `scale` (as Decode).
+template <int kKind>
+inline __m512 DecodeSixteen(const uint8_t* codes, __m512 scale) {
+  using Code = CodeOf<kKind>;
+  CheckFloat16Layout<kKind>();
+  constexpr int kShift = 10 - Code::kMantissaBits;
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  __m256i half;
+  if constexpr (Code::kSigned) {
+    // Sign-extended and shifted, the sign reaches bit 15 and also bit 14, which is cleared.
+    half = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), kShift),
+                            _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
+  } else {
+    half = _mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes), kShift);
+  }
+  return _mm512_mul_ps(_mm512_cvtph_ps(half), scale);
+}
+
+inline void StoreSixteen(uint8_t* to, __m256i codes16) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm256_cvtepi16_epi8(codes16));
+}
+
+inline void StoreSixteen(uint8_t* to, __m512i codes32) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm512_cvtepi32_epi8(codes32));
+}
+
+// The 16-bit float16 patterns of |x| * inverse: rounded toward +infinity, or to odd.
+inline __m256i Float16Upward(__m512 scaled) {
+  return _mm512_cvtps_ph(scaled, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+}
+
+inline __m256i Float16ToOdd(__m512 scaled) {
+  const __m256i truncated = _mm512_cvtps_ph(scaled, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask16 inexact = _mm512_cmp_ps_mask(_mm512_cvtph_ps(truncated), scaled, _CMP_NEQ_UQ);
+  const __m256i odd = _mm256_or_si256(truncated, _mm256_set1_epi16(1));
+  return _mm256_mask_mov_epi16(truncated, inexact, odd);
+}
+
+// 16 codes of x (as Encode): toward +infinity (kUpward) or to nearest, ties to even.
+template <int kKind, bool kUpward>
+inline __m256i EncodeSixteen(__m512 x, __m512 inverse) {
+  using Code = CodeOf<kKind>;
+  CheckFloat16Layout<kKind>();
+  constexpr int kShift = 10 - Code::kMantissaBits;
+  const __m512 scaled = _mm512_mul_ps(_mm512_abs_ps(x), inverse);
+  __m256i magnitude;
+  if constexpr (kUpward) {
+    const __m256i half = Float16Upward(scaled);
+    const __m256i below = _mm256_set1_epi16((1 << kShift) - 1);
+    magnitude = _mm256_srli_epi16(_mm256_add_epi16(half, below), kShift);
+  } else {
+    const __m256i half = Float16ToOdd(scaled);
+    const __m256i even = _mm256_and_si256(_mm256_srli_epi16(half, kShift), _mm256_set1_epi16(1));
+    const __m256i bias = _mm256_set1_epi16((1 << (kShift - 1)) - 1);
+    magnitude = _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(half, bias), even), kShift);
+  }
+  magnitude = _mm256_min_epu16(magnitude, _mm256_set1_epi16(Code::kLargest));
+  const __m256i one = _mm256_set1_epi16(1);
+  if constexpr (kUpward) {  // a positive x whose scaled value underflowed still rounds up
+    const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+    magnitude = _mm256_mask_max_epu16(magnitude, positive, magnitude, one);
+  }
+  if constexpr (Code::kSigned) {
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ) &
+                               _mm256_cmpgt_epi16_mask(magnitude, _mm256_setzero_si256());
+    magnitude = _mm256_mask_mov_epi16(magnitude, negative,
+                                      _mm256_or_si256(magnitude, _mm256_set1_epi16(0x80)));
+  }
+  return magnitude;
+}
+
+// 16 codes of x rounded stochastically with the low 16 bits of `random` (as EncodeStochastic).
+template <int kKind>
+inline __m512i EncodeSixteenStochastic(__m512 x, __m512 inverse, __m512i random) {
+  using Code = CodeOf<kKind>;
+  constexpr int m = Code::kMantissaBits;
+  const __m512 smallest_normal = _mm512_set1_ps(Code::kSmallestNormal);
+  const __m512 scaled = _mm512_mul_ps(_mm512_abs_ps(x), inverse);
+  const __mmask16 subnormal = _mm512_cmp_ps_mask(scaled, smallest_normal, _CMP_LT_OQ);
+  const __m512 shifted = _mm512_mask_add_ps(scaled, subnormal, scaled, smallest_normal);
+  const __m512i low = _mm512_and_si512(random, _mm512_set1_epi32(0xFFFF));
+  const __m512i uniform = _mm512_slli_epi32(low, 7 - m);  // 16 bits under the cut
+  const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(shifted), uniform);
+  __m512i magnitude = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23 - m),
+                                       _mm512_set1_epi32((127 + Code::kEmin - 1) << m));
+  magnitude = _mm512_mask_sub_epi32(magnitude, subnormal, magnitude, _mm512_set1_epi32(1 << m));
+  magnitude = _mm512_min_epi32(magnitude, _mm512_set1_epi32(Code::kLargest));
+  if constexpr (Code::kSigned) {
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ) &
+                               _mm512_cmpgt_epi32_mask(magnitude, _mm512_setzero_si512());
+    magnitude = _mm512_mask_or_epi32(magnitude, negative, magnitude, _mm512_set1_epi32(0x80));
+  }
+  return magnitude;
+}
+
+inline __m512i MixSixteen(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x85EBCA6Bu)));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0xC2B2AE35u)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// MomentBits of elements index .. index + 15: (index + k) * golden + key is
+// index * golden + key plus k * golden, in 32-bit arithmetic.
+inline __m512i MomentBitsSixteen(uint32_t state_key, size_t index) {
+  constexpr uint32_t g = kRoundGolden;
+  const __m512i steps = _mm512_setr_epi32(0, g, 2 * g, 3 * g, 4 * g, 5 * g, 6 * g, 7 * g, 8 * g,
+                                          9 * g, 10 * g, 11 * g, 12 * g, 13 * g, 14 * g, 15 * g);
+  const uint32_t base = static_cast<uint32_t>(index) * g + state_key;
+  return MixSixteen(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(base)), steps));
+}
+#endif  // AMSGRAD_JAX_VECTOR_CODES
 
 // ---- the step --------------------------------------------------------------------------
 
@@ -849,30 +990,81 @@ struct BlockLeaf {
 
 using BlockFn = void (*)(const BlockLeaf&, size_t, size_t, const void*);
 
-// The step of one block's `count` elements from their decoded moments: new parameters in
-// place; m, a v (the rule's scaled second moment) and the running maximum into `m`, `v`,
-// `w`; the largest magnitude of m and of the maximum as float32 bits into `top`. nu is
-// decoded against the stored maximum: v = (1 - code) * nu_max / a_before. (Pointers as
-// restrict parameters, so that it vectorises.)
+// One block's moments decoded: mu, the second moment v = (1 - code) * nu_max / a_before
+// (nu is stored against the running maximum) and the running maximum.
+inline void DecodeBlock(const uint8_t* __restrict__ mu, const uint8_t* __restrict__ nu,
+                        const uint8_t* __restrict__ nu_max, size_t count, float mu_scale,
+                        float nu_max_scale, float nu_unscale_before, float* __restrict__ first,
+                        float* __restrict__ second, float* __restrict__ maximum) {
+  size_t k = 0;
+#if AMSGRAD_JAX_VECTOR_CODES
+  const __m512 one = _mm512_set1_ps(1.0f), unscale = _mm512_set1_ps(nu_unscale_before);
+  for (; k + 16 <= count; k += 16) {
+    const __m512 w = DecodeSixteen<kNuMax>(nu_max + k, _mm512_set1_ps(nu_max_scale));
+    const __m512 ratio = DecodeSixteen<kNu>(nu + k, one);
+    _mm512_storeu_ps(maximum + k, w);
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(one, ratio), w), unscale);
+    _mm512_storeu_ps(second + k, v);
+    _mm512_storeu_ps(first + k, DecodeSixteen<kMu>(mu + k, _mm512_set1_ps(mu_scale)));
+  }
+#endif
+  for (; k < count; ++k) {
+    maximum[k] = Decode<kNuMax>(nu_max[k], nu_max_scale);
+    second[k] = (1.0f - Decode<kNu>(nu[k], 1.0f)) * maximum[k] * nu_unscale_before;
+    first[k] = Decode<kMu>(mu[k], mu_scale);
+  }
+}
+
+// The step of `count` elements from their decoded moments: new parameters in place; m,
+// a v (the rule's scaled second moment) and the running maximum into `m`, `v`, `w`.
+// (Pointers as restrict parameters, so that it vectorises.)
 template <typename P, int64_t kDecay, bool kStochastic, bool kClip>
-inline void StepBlock(P* __restrict__ params, const P* __restrict__ grads,
-                      const uint8_t* __restrict__ mu, const uint8_t* __restrict__ nu,
-                      const uint8_t* __restrict__ nu_max, float* __restrict__ m,
-                      float* __restrict__ v, float* __restrict__ w, size_t count,
-                      const float scale[2], const Scalars<float>& s, size_t first,
-                      uint32_t key, uint32_t top[2]) {
-  const float mu_scale = scale[0], nu_max_scale = scale[1];
-  uint32_t m_top = 0, w_top = 0;
+inline void StepDecoded(P* __restrict__ params, const P* __restrict__ grads,
+                        const float* __restrict__ mu, const float* __restrict__ nu,
+                        const float* __restrict__ nu_max, float* __restrict__ m,
+                        float* __restrict__ v, float* __restrict__ w, size_t count,
+                        const Scalars<float>& s, size_t first, uint32_t key) {
   for (size_t k = 0; k < count; ++k) {
     const float p = Load<float>(params[k]);
-    const float maximum = Decode<kNuMax>(nu_max[k], nu_max_scale);
-    const float second = (1.0f - Decode<kNu>(nu[k], 1.0f)) * maximum * s.nu_unscale_before;
     const Element<float> e = Compute<P, float, kDecay, /*kDecoded=*/true, kClip>(
-        p, Load<float>(grads[k]), Decode<kMu>(mu[k], mu_scale), second, maximum, s);
+        p, Load<float>(grads[k]), mu[k], nu[k], nu_max[k], s);
     params[k] = NewParam<P, float, kStochastic>(p, e.u, s, first + k, key);
     m[k] = e.m, v[k] = s.a * e.v, w[k] = e.v_max;
-    m_top = std::max(m_top, MagnitudeBits(e.m));
-    w_top = std::max(w_top, MagnitudeBits(e.v_max));
+  }
+}
+
+// The step of one block's `count` elements from their codes, 16 at a time, so that each
+// group's decoding runs beside the previous group's square roots and divisions.
+template <typename P, int64_t kDecay, bool kStochastic, bool kClip>
+inline void StepBlock(P* params, const P* grads, const uint8_t* mu, const uint8_t* nu,
+                      const uint8_t* nu_max, float* m, float* v, float* w, size_t count,
+                      const float scale[2], const Scalars<float>& s, size_t first,
+                      uint32_t key) {
+  constexpr size_t kGroup = 128;
+  alignas(64) float decoded[3][kGroup];
+  for (size_t k = 0; k < count; k += kGroup) {
+    const size_t n = std::min(kGroup, count - k);
+    DecodeBlock(mu + k, nu + k, nu_max + k, n, scale[0], scale[1], s.nu_unscale_before,
+                decoded[0], decoded[1], decoded[2]);
+    if (n == kGroup) {
+      StepDecoded<P, kDecay, kStochastic, kClip>(params + k, grads + k, decoded[0], decoded[1],
+                                                 decoded[2], m + k, v + k, w + k, kGroup, s,
+                                                 first + k, key);
+    } else {
+      StepDecoded<P, kDecay, kStochastic, kClip>(params + k, grads + k, decoded[0], decoded[1],
+                                                 decoded[2], m + k, v + k, w + k, n, s,
+                                                 first + k, key);
+    }
+  }
+}
+
+// The largest magnitudes of a block's m and running maximum, as float32 bits.
+inline void BlockTops(const float* __restrict__ m, const float* __restrict__ w, size_t count,
+                      uint32_t top[2]) {
+  uint32_t m_top = 0, w_top = 0;
+  for (size_t k = 0; k < count; ++k) {
+    m_top = std::max(m_top, MagnitudeBits(m[k]));
+    w_top = std::max(w_top, MagnitudeBits(w[k]));
   }
   top[0] = m_top, top[1] = w_top;
 }
@@ -885,10 +1077,33 @@ template <bool kStateStochastic>
 inline void EncodeBlock(const float* __restrict__ m, const float* __restrict__ v,
                         const float* __restrict__ w, uint8_t* __restrict__ mu,
                         uint8_t* __restrict__ nu, uint8_t* __restrict__ nu_max, size_t count,
-                        float m_inverse, int w_exponent, uint32_t key, uint32_t state_key,
-                        size_t first) {
+                        float m_inverse, int w_exponent, uint32_t state_key, size_t first) {
   const float w_inverse = PowerOfTwoBits(-w_exponent), w_scale = PowerOfTwoBits(w_exponent);
-  for (size_t k = 0; k < count; ++k) {
+  size_t k = 0;
+#if AMSGRAD_JAX_VECTOR_CODES
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  for (; k + 16 <= count; k += 16) {
+    const __m256i maximum_codes = EncodeSixteen<kNuMax, true>(_mm512_loadu_ps(w + k),
+                                                              _mm512_set1_ps(w_inverse));
+    StoreSixteen(nu_max + k, maximum_codes);
+    const __m256i maximum_half = _mm256_slli_epi16(maximum_codes, 10 - kNuMaxCodeMantissaBits);
+    const __m512 maximum = _mm512_mul_ps(_mm512_cvtph_ps(maximum_half), _mm512_set1_ps(w_scale));
+    const __mmask16 positive = _mm512_cmp_ps_mask(maximum, zero, _CMP_GT_OQ);
+    const __m512 complement =
+        _mm512_sub_ps(one, _mm512_maskz_div_ps(positive, _mm512_loadu_ps(v + k), maximum));
+    const __m512 moment = _mm512_loadu_ps(m + k);
+    if constexpr (kStateStochastic) {
+      const __m512i random = MomentBitsSixteen(state_key, first + k);
+      StoreSixteen(mu + k, EncodeSixteenStochastic<kMu>(moment, _mm512_set1_ps(m_inverse), random));
+      const __m512i high = _mm512_srli_epi32(random, 16);
+      StoreSixteen(nu + k, EncodeSixteenStochastic<kNu>(complement, one, high));
+    } else {
+      StoreSixteen(mu + k, EncodeSixteen<kMu, false>(moment, _mm512_set1_ps(m_inverse)));
+      StoreSixteen(nu + k, EncodeSixteen<kNu, false>(complement, one));
+    }
+  }
+#endif
+  for (; k < count; ++k) {
     const uint8_t maximum_code = Encode<kNuMax, true>(w[k], w_inverse);
     const float maximum = Decode<kNuMax>(maximum_code, w_scale);
     const float ratio = maximum > 0.0f ? v[k] / (maximum > 0.0f ? maximum : 1.0f) : 0.0f;
@@ -907,8 +1122,8 @@ inline void EncodeBlock(const float* __restrict__ m, const float* __restrict__ v
 
 // Blocks [begin, end) of one leaf: decode, step, and encode each block with its new
 // exponents (the largest |m| and running maximum of the block, as _blockwise.py; nu's
-// exponent is always 0): two vectorised passes over a block, the step (m, a v and the
-// maximum kept in a buffer of the block's length), then the encoding.
+// exponent is always 0): vectorised passes over a block, kept in buffers of the block's
+// length: the decoding and the step, the block's largest values, then the encoding.
 template <typename P, int64_t kDecay, bool kStochastic, bool kStateStochastic>
 void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* scalars_raw) {
   const Scalars<float> s(scalars_raw);
@@ -925,21 +1140,22 @@ void StepBlocks(const BlockLeaf& leaf, size_t begin, size_t end, const void* sca
     uint8_t* nu_max = leaf.codes[2] + first;
     const float scale[2] = {PowerOfTwoBits(leaf.exponents[0][index]),
                             PowerOfTwoBits(leaf.exponents[2][index])};
-    uint32_t top[2];
     P* params = static_cast<P*>(leaf.params) + first;
     const P* grads = static_cast<const P*>(leaf.grads) + first;
     if (s.clipping) {
       StepBlock<P, kDecay, kStochastic, true>(params, grads, mu, nu, nu_max, m, v, w, count,
-                                              scale, s, first, leaf.key, top);
+                                              scale, s, first, leaf.key);
     } else {
       StepBlock<P, kDecay, kStochastic, false>(params, grads, mu, nu, nu_max, m, v, w, count,
-                                               scale, s, first, leaf.key, top);
+                                               scale, s, first, leaf.key);
     }
+    uint32_t top[2];
+    BlockTops(m, w, count, top);
     // Stochastically m may round up: its exponent leaves room for it.
     const int m_exponent = BlockExponent<kMu>(top[0], kStateStochastic);
     const int w_exponent = BlockExponent<kNuMax>(top[1], true);
     EncodeBlock<kStateStochastic>(m, v, w, mu, nu, nu_max, count, PowerOfTwoBits(-m_exponent),
-                                  w_exponent, s.key, leaf.state_key, first);
+                                  w_exponent, leaf.state_key, first);
     leaf.exponents[0][index] = static_cast<int8_t>(m_exponent);
     leaf.exponents[1][index] = 0;
     leaf.exponents[2][index] = static_cast<int8_t>(w_exponent);
