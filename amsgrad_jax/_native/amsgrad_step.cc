@@ -142,11 +142,13 @@ inline C MulAdd(C x, C y, C z) {
 // ---- stochastic rounding (amsgrad_jax/_rounding.py) -------------------------------------
 
 // MurmurHash3's 32-bit finaliser.
+constexpr uint32_t kMixFirst = 0x85EBCA6Bu, kMixSecond = 0xC2B2AE35u;
+
 inline uint32_t Mix(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
+  x *= kMixFirst;
   x ^= x >> 13;
-  x *= 0xC2B2AE35u;
+  x *= kMixSecond;
   return x ^ (x >> 16);
 }
 
@@ -316,22 +318,27 @@ constexpr void CheckFloat16Layout() {
                 "a code's magnitude is 7 or 8 bits");
 }
 
-// The values of 16 codes times `scale` (as Decode).
+// The values of 16 codes, one per 16-bit lane, times `scale` (as Decode).
 template <int kKind>
-inline __m512 DecodeSixteen(const uint8_t* codes, __m512 scale) {
+inline __m512 ValuesOfSixteen(__m256i codes, __m512 scale) {
   using Code = CodeOf<kKind>;
   CheckFloat16Layout<kKind>();
   constexpr int kShift = 10 - Code::kMantissaBits;
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
-  __m256i half;
+  __m256i half = _mm256_slli_epi16(codes, kShift);
   if constexpr (Code::kSigned) {
-    // Sign-extended and shifted, the sign reaches bit 15 and also bit 14, which is cleared.
-    half = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), kShift),
-                            _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
-  } else {
-    half = _mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes), kShift);
+    // Sign-extended codes: shifted, the sign reaches bit 15 and also bit 14, cleared here.
+    half = _mm256_and_si256(half, _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
   }
   return _mm512_mul_ps(_mm512_cvtph_ps(half), scale);
+}
+
+// The values of 16 stored codes times `scale` (as Decode).
+template <int kKind>
+inline __m512 DecodeSixteen(const uint8_t* codes, __m512 scale) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m256i wide =
+      CodeOf<kKind>::kSigned ? _mm256_cvtepi8_epi16(bytes) : _mm256_cvtepu8_epi16(bytes);
+  return ValuesOfSixteen<kKind>(wide, scale);
 }
 
 inline void StoreSixteen(uint8_t* to, __m256i codes16) {
@@ -411,11 +418,12 @@ inline __m512i EncodeSixteenStochastic(__m512 x, __m512 inverse, __m512i random)
   return magnitude;
 }
 
+// Mix, lane by lane.
 inline __m512i MixSixteen(__m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x85EBCA6Bu)));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(kMixFirst)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0xC2B2AE35u)));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(kMixSecond)));
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
@@ -1044,7 +1052,7 @@ inline void StepBlock(P* params, const P* grads, const uint8_t* mu, const uint8_
   constexpr size_t kGroup = 128;
   alignas(64) float decoded[3][kGroup];
   for (size_t k = 0; k < count; k += kGroup) {
-    const size_t n = std::min(kGroup, count - k);
+    const size_t n = std::min(kGroup, count - k);  // a whole group: a constant trip count
     DecodeBlock(mu + k, nu + k, nu_max + k, n, scale[0], scale[1], s.nu_unscale_before,
                 decoded[0], decoded[1], decoded[2]);
     if (n == kGroup) {
@@ -1087,8 +1095,7 @@ inline void EncodeBlock(const float* __restrict__ m, const float* __restrict__ v
     const __m256i maximum_codes = EncodeSixteen<kNuMax, true>(_mm512_loadu_ps(w + k),
                                                               _mm512_set1_ps(w_inverse));
     StoreSixteen(nu_max + k, maximum_codes);
-    const __m256i maximum_half = _mm256_slli_epi16(maximum_codes, 10 - kNuMaxCodeMantissaBits);
-    const __m512 maximum = _mm512_mul_ps(_mm512_cvtph_ps(maximum_half), _mm512_set1_ps(w_scale));
+    const __m512 maximum = ValuesOfSixteen<kNuMax>(maximum_codes, _mm512_set1_ps(w_scale));
     const __mmask16 positive = _mm512_cmp_ps_mask(maximum, zero, _CMP_GT_OQ);
     const __m512 complement =
         _mm512_sub_ps(one, _mm512_maskz_div_ps(positive, _mm512_loadu_ps(v + k), maximum));
