@@ -66,6 +66,16 @@ class FlatLayout:
       sizes[group] = sizes.get(group, 0) + math.prod(shape)
     return sizes
 
+  def block_offsets(self, block_size: int) -> tuple[int, ...]:
+    """Each leaf's first block exponent in its group's :func:`~amsgrad_jax.blockwise8`
+    exponents buffer (a leaf has ``exponents_shape(shape, block_size)`` of them)."""
+    filled: dict[str, int] = {}
+    offsets = []
+    for shape, group in self.leaf_specs():
+      offsets.append(filled.get(group, 0))
+      filled[group] = offsets[-1] + math.prod(exponents_shape(shape, block_size))
+    return tuple(offsets)
+
   def template(self) -> Any:
     """The parameter tree as shapes, for checking a gradient tree against the layout."""
     return self.treedef.unflatten(
@@ -115,19 +125,20 @@ class FlatMoment:
   def leaves(self) -> list[Any]:
     """Each leaf's moment, shaped like its parameter (slices of the buffers)."""
     leaves: list[Any] = []
-    exponents_at: dict[str, int] = {}
-    for (shape, group), offset in zip(self.layout.leaf_specs(), self.layout.offsets, strict=True):
+    starts: dict[int, tuple[int, ...]] = {}
+    specs = zip(self.layout.leaf_specs(), self.layout.offsets, strict=True)
+    for index, ((shape, group), offset) in enumerate(specs):
       buffer = self.buffers[group]
       if not isinstance(buffer, Blockwise8Array):
         leaves.append(_slice(buffer, offset, shape))
         continue
-      start = exponents_at.get(group, 0)
+      if buffer.block_size not in starts:
+        starts[buffer.block_size] = self.layout.block_offsets(buffer.block_size)
       blocks = exponents_shape(shape, buffer.block_size)
-      exponents_at[group] = start + math.prod(blocks)
       leaves.append(
         Blockwise8Array(
           _slice(buffer.codes, offset, shape),
-          _slice(buffer.exponents, start, blocks),
+          _slice(buffer.exponents, starts[buffer.block_size][index], blocks),
           buffer.block_size,
           buffer.kind,
         )

@@ -84,6 +84,11 @@ def _blockwise8_state(learning_rate: float) -> optax.GradientTransformation:
   return amsgrad_jax.amsgrad(learning_rate, mu_dtype=fmt, nu_dtype=fmt)
 
 
+def _blockwise8_flat_state(learning_rate: float) -> optax.GradientTransformation:
+  fmt = amsgrad_jax.blockwise8()
+  return amsgrad_jax.amsgrad(learning_rate, mu_dtype=fmt, nu_dtype=fmt, flat_state=True)
+
+
 def _flat_state(learning_rate: float) -> optax.GradientTransformation:
   return amsgrad_jax.amsgrad(learning_rate, flat_state=True)
 
@@ -101,6 +106,9 @@ CONTENDERS = [
     "apply_step, bf16 state, stochastic", _bf16_state_stochastic, native=True, bytes_per_param=24
   ),
   Contender("apply_step, 8-bit state", _blockwise8_state, native=True, bytes_per_param=18),
+  Contender(
+    "apply_step, 8-bit flat state", _blockwise8_flat_state, native=True, bytes_per_param=18
+  ),
   Contender("amsgrad_jax, bf16 state", _bf16_state, bytes_per_param=24),
   Contender("amsgrad_jax, 8-bit state", _blockwise8_state, bytes_per_param=18),
   Contender("optax.adam", optax.adam, bytes_per_param=28),

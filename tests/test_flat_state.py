@@ -325,9 +325,12 @@ def test_vmapped_flat_step_takes_the_optax_path():
 
 
 @pytest.mark.host_devices
-def test_flat_state_under_a_mesh_and_pmap():
+@pytest.mark.parametrize(
+  "state", ["", ", mu_dtype=amsgrad_jax.blockwise8(4), nu_dtype=amsgrad_jax.blockwise8(4)"]
+)
+def test_flat_state_under_a_mesh_and_pmap(state):
   """Under a mesh the flat step is replicated (correct, but it gathers: sharded models keep
-  the tree layout); under pmap it runs per device."""
+  the tree layout); under pmap it runs per device. Float and 8-bit state alike."""
   script = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
@@ -339,7 +342,7 @@ def test_flat_state_under_a_mesh_and_pmap():
     params = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
               "b": jnp.asarray(rng.normal(size=(6,)), jnp.float32)}
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-    tx = amsgrad_jax.amsgrad(1e-2, flat_state=True)
+    tx = amsgrad_jax.amsgrad(1e-2, flat_state=True STATE)
     expected = jax.jit(lambda g, s, p: pure_step(tx, g, s, p))(grads, tx.init(params), params)
 
     mesh = jax.make_mesh((4, 2), ("data", "model"))
@@ -361,7 +364,7 @@ def test_flat_state_under_a_mesh_and_pmap():
       jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[device], b), got, expected)
     print("ok", n)
     """
-  )
+  ).replace(" STATE", state)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   result = subprocess.run(
     [sys.executable, "-c", script],

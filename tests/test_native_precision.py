@@ -40,6 +40,13 @@ def _options(kind: str) -> dict:
     "stochastic_f32_state": {"param_rounding": "stochastic", "mu_dtype": jnp.float32},
     "both": {"param_rounding": "stochastic", "mu_dtype": fmt, "nu_dtype": fmt},
     "blockwise8_nearest": {"mu_dtype": fmt, "nu_dtype": fmt, "state_rounding": "nearest"},
+    "blockwise8_flat": {"mu_dtype": fmt, "nu_dtype": fmt, "flat_state": True},
+    "both_flat": {
+      "param_rounding": "stochastic",
+      "mu_dtype": fmt,
+      "nu_dtype": fmt,
+      "flat_state": True,
+    },
     "bf16_state_sr": {**bf16_state, "state_rounding": "stochastic", "rounding_seed": 5},
     "bf16_nu_sr": {"nu_dtype": jnp.bfloat16, "state_rounding": "stochastic"},
     "bf16_state_sr_flat": {**bf16_state, "state_rounding": "stochastic", "flat_state": True},
@@ -83,6 +90,8 @@ CASES = [
   for kind in (
     "blockwise8",
     "blockwise8_nearest",
+    "blockwise8_flat",
+    "both_flat",
     "stochastic",
     "stochastic_f32_state",
     "both",
@@ -92,7 +101,9 @@ CASES = [
   )
   for dtype in ("float32", "bfloat16")
   for convention in (
-    ("pytorch", "keras", "optax", "paper") if kind == "blockwise8" else ("pytorch",)
+    ("pytorch", "keras", "optax", "paper")
+    if kind in ("blockwise8", "blockwise8_flat")
+    else ("pytorch",)
   )
   # bfloat16 state beside float32 parameters: see the per-step test below
   if not (dtype == "float32" and (kind.startswith("stochastic") or kind.startswith("bf16")))
@@ -199,18 +210,45 @@ def test_blockwise8_runs_in_the_blockwise_kernel():
   assert targets == ["amsgrad_jax_step_blockwise"]
 
 
+def test_flat_blockwise8_state_runs_in_its_kernel_across_groups_and_calls():
+  """Two dtype groups and more leaves than one call takes: the group's six buffers pass
+  from call to call in place, every leaf at its offsets, and the bits are the Optax
+  path's (which slices the same buffers)."""
+  from amsgrad_jax._native._alias_step import LEAVES_PER_CALL
+
+  fmt = amsgrad_jax.blockwise8(64)
+  tx = amsgrad_jax.amsgradw(1e-2, mu_dtype=fmt, nu_dtype=fmt, flat_state=True)
+  rng = np.random.default_rng(8)
+  shapes = [(3, 100), (7,), (), (2, 5, 64), *[(40,)] * LEAVES_PER_CALL]
+  params = [
+    jnp.asarray(rng.standard_normal(shape), jnp.bfloat16 if i in (1, 3) else jnp.float32)
+    for i, shape in enumerate(shapes)
+  ]
+  grads = [
+    [
+      jnp.asarray(rng.standard_normal(p.shape) * 10.0 ** rng.integers(-6, 2), p.dtype)
+      for p in params
+    ]
+    for _ in range(12)
+  ]
+  status = amsgrad_jax.native_status(tx, tx.init(params), params)
+  assert status.active, status.reason
+  step = jax.jit(lambda p, s, g: amsgrad_jax.apply_step(tx, g, s, p))
+  text = step.lower(params, tx.init(params), params).compile().as_text()
+  targets = re.findall(r'custom_call_target="([a-z_]+)"', text)
+  assert targets == ["amsgrad_jax_step_flat_blockwise"] * 3  # two groups, 66 + 2 leaves
+  native = _run(tx, params, grads, native=True)
+  optax_path = _run(tx, params, grads, native=False)
+  for a, b in zip(_bits(native), _bits(optax_path), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize(
   ("make", "reason"),
   [
     (
       lambda: amsgrad_jax.amsgrad(1e-3, mu_dtype=amsgrad_jax.blockwise8(), nu_dtype=jnp.float32),
       "only one of mu_dtype and nu_dtype",
-    ),
-    (
-      lambda: amsgrad_jax.amsgrad(
-        1e-3, mu_dtype=amsgrad_jax.blockwise8(), nu_dtype=amsgrad_jax.blockwise8(), flat_state=True
-      ),
-      "flat layout",
     ),
   ],
 )

@@ -250,7 +250,8 @@ def _flat_layout_step(
 ) -> tuple[Any, Any, Any, Any]:
   """As :func:`_tree_layout_step` for the flat layout: each call updates its leaves'
   parameters and their ranges of the group's three buffers, which pass from call to call
-  (aliased, so in place). The buffers are not partitioned: under a mesh XLA replicates
+  (aliased, so in place); :func:`~amsgrad_jax.blockwise8` buffers pass as their codes and
+  exponents. The buffers are not partitioned: under a mesh XLA replicates
   the call, which is why sharded models keep the tree layout."""
   layout: FlatLayout = state.mu.layout
   param_leaves, treedef = jax.tree.flatten(params)
@@ -265,13 +266,28 @@ def _flat_layout_step(
     if math.prod(shape) > 0:
       calls.setdefault((group, mode), []).append(index)
   for (group, mode), indices in calls.items():
-    buffers = moments[group]
+    stored = moments[group]
     param_dtype = np.dtype(param_leaves[indices[0]].dtype)
-    scalars = scalars_for(param_dtype, buffers[0].dtype, buffers[1].dtype)
+    blockwise = is_blockwise(stored[0])
+    if blockwise:
+      block_size = stored[0].block_size
+      block_offsets = layout.block_offsets(block_size)
+      buffers = tuple(x for m in stored for x in (m.codes, m.exponents))
+      scalars = scalars_for(param_dtype, block_size, block_size)
+      state_rounding = rounding.state
+    else:
+      buffers = stored
+      scalars = scalars_for(param_dtype, buffers[0].dtype, buffers[1].dtype)
+      state_rounding = rounding.float_state
     for start in range(0, len(indices), LEAVES_PER_CALL):
       batch = indices[start : start + LEAVES_PER_CALL]
       leaves = [(param_leaves[i], grad_leaves[i]) for i in batch]
       offsets = [layout.offsets[i] for i in batch]
+      blocks = (
+        {"block_size": block_size, "block_offsets": [block_offsets[i] for i in batch]}
+        if blockwise
+        else {}
+      )
       buffers, outputs = _interface.flat_call(
         scalars,
         buffers,
@@ -279,11 +295,17 @@ def _flat_layout_step(
         offsets,
         mode,
         rounding=rounding.param,
-        state_rounding=rounding.float_state,
+        state_rounding=state_rounding,
         leaf_ids=batch,
+        **blocks,
       )
       for index, output in zip(batch, outputs, strict=True):
         new_params[index] = output
+    if blockwise:
+      buffers = tuple(
+        Blockwise8Array(codes, exponents, block_size, m.kind)
+        for m, codes, exponents in zip(stored, buffers[0::2], buffers[1::2], strict=True)
+      )
     moments[group] = buffers
   mu, nu, nu_max = (
     FlatMoment({group: buffers[k] for group, buffers in moments.items()}, layout) for k in range(3)

@@ -18,6 +18,9 @@ The FFI targets, one per state storage, and the guard's check:
 * ``amsgrad_jax_step_blockwise`` (:func:`~amsgrad_jax.blockwise8` state): operands
   ``scalars``, then :data:`BLOCKWISE_OPERANDS` for every leaf; results
   :data:`BLOCKWISE_RESULTS`, aliased as the tree target's.
+* ``amsgrad_jax_step_flat_blockwise`` (:func:`~amsgrad_jax.blockwise8` state with
+  ``flat_state=True``): operands ``scalars``, the group's :data:`FLAT_BLOCKWISE_STATE`
+  buffers, then :data:`FLAT_LEAF_OPERANDS` for every leaf; results as the flat target's.
 * ``amsgrad_jax_check`` (the guard of :func:`~amsgrad_jax.skip_nonfinite`): the tree
   target's operands, nothing written; one ``int32`` result, 1 when the step would leave the
   gradient, the update and the stored state finite.
@@ -25,8 +28,9 @@ The FFI targets, one per state storage, and the guard's check:
 All take the attribute ``decay`` (a :class:`Decay`); the steps also ``rounding`` and
 ``state_rounding`` (:class:`Rounding` of the parameters and of ``mu`` and ``nu``; for
 float state only bfloat16 is affected) and ``leaf_ids`` (each leaf's position in the
-tree, which seeds its random bits); the flat one also ``offsets``, each leaf's first
-element in the state buffers; the blockwise one also ``block_size``.
+tree, which seeds its random bits); the flat ones also ``offsets``, each leaf's first
+element in the state buffers; the blockwise ones also ``block_size``, and the flat
+blockwise one ``block_offsets``, each leaf's first block exponent.
 """
 
 from __future__ import annotations
@@ -43,12 +47,14 @@ from amsgrad_jax import _blockwise, _rounding
 TREE_TARGET = "amsgrad_jax_step"
 FLAT_TARGET = "amsgrad_jax_step_flat"
 BLOCKWISE_TARGET = "amsgrad_jax_step_blockwise"
+FLAT_BLOCKWISE_TARGET = "amsgrad_jax_step_flat_blockwise"
 CHECK_TARGET = "amsgrad_jax_check"
 # The exported symbol of each target's handler.
 HANDLERS = {
   TREE_TARGET: "AmsgradJaxStep",
   FLAT_TARGET: "AmsgradJaxStepFlat",
   BLOCKWISE_TARGET: "AmsgradJaxStepBlockwise",
+  FLAT_BLOCKWISE_TARGET: "AmsgradJaxStepFlatBlockwise",
   CHECK_TARGET: "AmsgradJaxCheck",
 }
 DESCRIBE_SYMBOL = "AmsgradJaxInterface"
@@ -79,7 +85,7 @@ SCALARS = (
 
 TREE_OPERANDS = ("params", "grads", "mu", "nu", "nu_max")
 TREE_RESULTS = ("params", "mu", "nu", "nu_max")
-FLAT_STATE = ("mu", "nu", "nu_max")
+FLAT_STATE: tuple[str, ...] = ("mu", "nu", "nu_max")
 FLAT_LEAF_OPERANDS = ("params", "grads")
 FLAT_LEAF_RESULTS = ("params",)
 BLOCKWISE_OPERANDS = (
@@ -93,6 +99,7 @@ BLOCKWISE_OPERANDS = (
   "nu_max_exponents",
 )
 BLOCKWISE_RESULTS = BLOCKWISE_OPERANDS[:1] + BLOCKWISE_OPERANDS[2:]
+FLAT_BLOCKWISE_STATE = BLOCKWISE_OPERANDS[2:]
 
 
 class Decay(enum.IntEnum):
@@ -136,6 +143,7 @@ def description() -> str:
     "flat_leaf_results": FLAT_LEAF_RESULTS,
     "blockwise_operands": BLOCKWISE_OPERANDS,
     "blockwise_results": BLOCKWISE_RESULTS,
+    "flat_blockwise_state": FLAT_BLOCKWISE_STATE,
     "check_results": ("finite",),
     "decay": tuple(f"{code.name.lower()}={code.value}" for code in Decay),
     "rounding": tuple(f"{code.name.lower()}={code.value}" for code in Rounding),
@@ -163,6 +171,7 @@ def header() -> str:
     *indices("FlatLeafResult", FLAT_LEAF_RESULTS, "kFlatResultsPerLeaf"),
     *indices("BlockwiseOperand", BLOCKWISE_OPERANDS, "kBlockwiseOperandsPerLeaf"),
     *indices("BlockwiseResult", BLOCKWISE_RESULTS, "kBlockwiseResultsPerLeaf"),
+    *indices("FlatBlockwiseState", FLAT_BLOCKWISE_STATE, "kFlatBlockwiseStateBuffers"),
     "enum Decay : int64_t {",
     *(f"  kDecay{_camel(code.name.lower())} = {code.value}," for code in Decay),
     "};",
@@ -302,11 +311,25 @@ def flat_call(
   rounding: Rounding = Rounding.NEAREST,
   state_rounding: Rounding = Rounding.NEAREST,
   leaf_ids: Sequence[int] = (),
+  block_size: int | None = None,
+  block_offsets: Sequence[int] = (),
 ) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
   """One call over some leaves of a dtype group in the flat layout: ``state`` holds the
-  group's :data:`FLAT_STATE` buffers, each leaf its :data:`FLAT_LEAF_OPERANDS`. Returns
-  the new state buffers and each leaf's new parameters, all aliased to their operands."""
-  num_state, per_in = len(FLAT_STATE), len(FLAT_LEAF_OPERANDS)
+  group's :data:`FLAT_STATE` buffers (given ``block_size``, its
+  :data:`FLAT_BLOCKWISE_STATE` buffers, with each leaf's first exponent in
+  ``block_offsets``), each leaf its :data:`FLAT_LEAF_OPERANDS`. Returns the new state
+  buffers and each leaf's new parameters, all aliased to their operands."""
+  target, names = FLAT_TARGET, FLAT_STATE
+  blocks: dict[str, Any] = {}
+  if block_size is not None:
+    target, names = FLAT_BLOCKWISE_TARGET, FLAT_BLOCKWISE_STATE
+    blocks = {
+      "block_size": np.int64(block_size),
+      "block_offsets": np.asarray(block_offsets, np.int64),
+    }
+  num_state, per_in = len(names), len(FLAT_LEAF_OPERANDS)
+  if len(state) != num_state:
+    raise ValueError(f"{target} takes {num_state} state buffers, got {len(state)}")
   params_at = FLAT_LEAF_OPERANDS.index("params")
   operands = [*state, *(x for leaf in leaves for x in leaf)]
   result_shapes: list[Any] = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state]
@@ -316,7 +339,7 @@ def flat_call(
   aliases = {1 + k: k for k in range(num_state)}
   aliases |= {1 + num_state + per_in * i + params_at: num_state + i for i in range(len(leaves))}
   call = jax.ffi.ffi_call(
-    FLAT_TARGET, result_shapes, input_output_aliases=aliases, vmap_method="sequential"
+    target, result_shapes, input_output_aliases=aliases, vmap_method="sequential"
   )
   flat = call(
     scalars,
@@ -326,6 +349,7 @@ def flat_call(
     state_rounding=np.int64(state_rounding),
     leaf_ids=np.asarray(list(leaf_ids) or list(range(len(leaves))), np.int64),
     offsets=np.asarray(offsets, np.int64),
+    **blocks,
   )
   return tuple(flat[:num_state]), list(flat[num_state:])
 

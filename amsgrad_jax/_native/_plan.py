@@ -7,6 +7,7 @@ either a :class:`Plan` (everything the native step needs) or a :class:`Fallback`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +74,6 @@ def plan(options: AliasOptions, grads: Any, opt_state: Any, params: Any) -> Plan
   blockwise = [isinstance(d, Blockwise8) for d in (options.mu_dtype, options.nu_dtype)]
   if any(blockwise) and not all(blockwise):
     return Fallback("blockwise8 for only one of mu_dtype and nu_dtype")
-  if any(blockwise) and options.flat_state:
-    return Fallback("blockwise8 state in the flat layout (flat_state=True)")
   if callable(options.weight_decay):
     return Fallback("weight_decay is a schedule; the native step takes a number")
   if not (callable(options.learning_rate) or _scalar(options.learning_rate)):
@@ -163,8 +162,9 @@ def _buffers_problem(grads: Any, state: ScaleByAmsgradState, params: Any) -> str
   return None
 
 
-def _blockwise_problem(p: Any, g: Any, moments: tuple[Any, ...]) -> str | None:
-  """Why a leaf with :func:`~amsgrad_jax.blockwise8` state cannot be stepped, or ``None``."""
+def _blockwise_problem(p: Any, g: Any, moments: tuple[Any, ...], flat: bool = False) -> str | None:
+  """Why a leaf with :func:`~amsgrad_jax.blockwise8` state cannot be stepped, or ``None``.
+  ``moments`` are the leaf's own (tree layout) or its group's buffers (``flat``)."""
   if not all(_blockwise.is_blockwise(m) for m in moments):
     return "a leaf has blockwise8 state for only some of its moments"
   if len({m.block_size for m in moments}) != 1:
@@ -175,10 +175,11 @@ def _blockwise_problem(p: Any, g: Any, moments: tuple[Any, ...]) -> str | None:
     return f"a gradient's dtype ({g.dtype}) differs from its parameter's ({p.dtype})"
   if np.dtype(p.dtype) not in _NARROW:
     return f"blockwise8 state beside a {np.dtype(p.dtype)} parameter (the kernel takes float32 and bfloat16)"
-  blocks = _blockwise.exponents_shape(p.shape, moments[0].block_size)
-  for m in moments:
-    if m.codes.shape != p.shape or m.exponents.shape != blocks or g.shape != p.shape:
-      return "a gradient or state leaf is not shaped like its parameter"
+  if not flat:
+    blocks = _blockwise.exponents_shape(p.shape, moments[0].block_size)
+    for m in moments:
+      if m.codes.shape != p.shape or m.exponents.shape != blocks or g.shape != p.shape:
+        return "a gradient or state leaf is not shaped like its parameter"
   on_device = not isinstance(p, jax.core.Tracer)
   if on_device and any(device.platform != "cpu" for device in p.devices()):
     return "a parameter lives on a device that is not the CPU"
@@ -198,7 +199,7 @@ def _flat_buffers_problem(grads: Any, state: ScaleByAmsgradState, params: Any) -
     if set(moment.buffers) != set(sizes):
       return "the flat state's buffers do not match its layout"
     for group, buffer in moment.buffers.items():
-      if not isinstance(buffer, jax.Array) or buffer.shape != (sizes[group],):
+      if not _flat_buffer_fits(buffer, layout, group, sizes[group]):
         return "the flat state's buffers do not match its layout"
   leaves = zip(jax.tree.leaves(params), jax.tree.leaves(grads), layout.leaf_specs(), strict=True)
   for p, g, (shape, group) in leaves:
@@ -206,10 +207,35 @@ def _flat_buffers_problem(grads: Any, state: ScaleByAmsgradState, params: Any) -
       return "a parameter or gradient leaf is not a JAX array"
     if p.shape != shape or g.shape != shape or np.dtype(p.dtype).name != group:
       return "the parameters or gradients do not match the flat state's layout"
-    problem = _dtypes_problem(p, g, *(m.buffers[group].dtype for m in moments))
+    buffers = [m.buffers[group] for m in moments]
+    if any(_blockwise.is_blockwise(b) for b in buffers):
+      problem = _blockwise_problem(p, g, tuple(buffers), flat=True)
+    else:
+      problem = _dtypes_problem(p, g, *(b.dtype for b in buffers))
     if problem is not None:
       return problem
   return None
+
+
+def _flat_buffer_fits(buffer: Any, layout: FlatLayout, group: str, size: int) -> bool:
+  """Whether one flat moment buffer of ``group`` has the layout's size (codes and block
+  exponents, for :func:`~amsgrad_jax.blockwise8`)."""
+  if not _blockwise.is_blockwise(buffer):
+    return isinstance(buffer, jax.Array) and buffer.shape == (size,)
+  blocks = sum(
+    math.prod(_blockwise.exponents_shape(shape, buffer.block_size))
+    for shape, leaf_group in layout.leaf_specs()
+    if leaf_group == group
+  )
+  codes, exponents = buffer.codes, buffer.exponents
+  return (
+    isinstance(codes, jax.Array)
+    and isinstance(exponents, jax.Array)
+    and codes.shape == (size,)
+    and exponents.shape == (blocks,)
+    and codes.dtype == np.uint8
+    and exponents.dtype == np.int8
+  )
 
 
 def _dtypes_problem(

@@ -1216,6 +1216,35 @@ struct BlockWork {
   }
 };
 
+// One leaf of an 8-bit step: its parameters (read from `params`, written to `params_out`),
+// its gradient, and its moments' codes (`n` each) and block exponents, written in place.
+// Checks dtypes and sizes against the parameter's shape; adds the leaf to `work`.
+bool AddBlockLeaf(BlockWork& work, ffi::AnyBuffer params, ffi::AnyBuffer grads,
+                  ffi::AnyBuffer params_out, uint8_t* const codes[3], int8_t* const exponents[3],
+                  size_t codes_left, size_t exponents_left, int64_t block_size, int64_t leaf_id,
+                  BlockFn step, std::vector<size_t>& sizes, size_t& largest_block) {
+  const size_t n = params.element_count();
+  const auto dims = params.dimensions();
+  const size_t row = dims.size() == 0 ? 1 : static_cast<size_t>(dims.back());
+  const size_t block = std::max<size_t>(1, std::min<size_t>(block_size, row));
+  const size_t blocks_per_row = row == 0 ? 0 : (row + block - 1) / block;
+  const size_t blocks = row == 0 ? 0 : n / row * blocks_per_row;
+  if (step == nullptr || (!work.leaves.empty() && step != work.step) ||
+      grads.element_type() != params.element_type() || grads.element_count() != n ||
+      n > codes_left || blocks > exponents_left) {
+    return false;
+  }
+  work.step = step;
+  StartFrom(params, params_out);
+  work.leaves.push_back({params_out.untyped_data(), grads.untyped_data(),
+                         {codes[0], codes[1], codes[2]},
+                         {exponents[0], exponents[1], exponents[2]}, row, block, blocks_per_row,
+                         LeafKey(work.key, leaf_id), LeafKey(work.key, leaf_id, kRoundStateSalt)});
+  sizes.push_back(blocks);
+  largest_block = std::max(largest_block, block);
+  return true;
+}
+
 // State in blockwise8: per leaf BlockwiseOperandIndex, results BlockwiseResultIndex, each
 // aliased to the operand of the same name. Attributes as the tree target's, and
 // `block_size`.
@@ -1234,58 +1263,118 @@ ffi::Error AmsgradStepBlockwise(ffi::ThreadPool pool, int64_t decay, int64_t rou
   auto made = NewWork<BlockWork>(scalars);
   if (made.has_error()) return made.error();
   std::shared_ptr<BlockWork> work = *made;
-  const std::pair<int, int> updated[kBlockwiseResultsPerLeaf] = {
-      {kBlockwiseResultParams, kBlockwiseOperandParams},
-      {kBlockwiseResultMu, kBlockwiseOperandMu},
-      {kBlockwiseResultMuExponents, kBlockwiseOperandMuExponents},
-      {kBlockwiseResultNu, kBlockwiseOperandNu},
-      {kBlockwiseResultNuExponents, kBlockwiseOperandNuExponents},
-      {kBlockwiseResultNuMax, kBlockwiseOperandNuMax},
-      {kBlockwiseResultNuMaxExponents, kBlockwiseOperandNuMaxExponents}};
+  constexpr int kCodes[3] = {kBlockwiseOperandMu, kBlockwiseOperandNu, kBlockwiseOperandNuMax};
+  constexpr int kExponents[3] = {kBlockwiseOperandMuExponents, kBlockwiseOperandNuExponents,
+                                 kBlockwiseOperandNuMaxExponents};
+  constexpr int kCodeResults[3] = {kBlockwiseResultMu, kBlockwiseResultNu,
+                                   kBlockwiseResultNuMax};
+  constexpr int kExponentResults[3] = {kBlockwiseResultMuExponents, kBlockwiseResultNuExponents,
+                                       kBlockwiseResultNuMaxExponents};
   std::vector<size_t> sizes;
   size_t largest_block = 1;
   for (size_t i = 0; i < num_leaves; ++i) {
     auto in = [&](int k) { return Operand(args, i, kBlockwiseOperandsPerLeaf, k); };
+    auto out = [&](int k) { return Result(rets, 0, i, kBlockwiseResultsPerLeaf, k); };
     const ffi::AnyBuffer params = in(kBlockwiseOperandParams);
     const size_t n = params.element_count();
-    const auto dims = params.dimensions();
-    const size_t row = dims.size() == 0 ? 1 : static_cast<size_t>(dims.back());
-    const size_t block = std::max<size_t>(1, std::min<size_t>(block_size, row));
-    const size_t blocks_per_row = row == 0 ? 0 : (row + block - 1) / block;
-    const size_t blocks = row == 0 ? 0 : n / row * blocks_per_row;
-    bool ok = in(kBlockwiseOperandGrads).element_type() == params.element_type() &&
-              in(kBlockwiseOperandGrads).element_count() == n;
-    for (int k : {kBlockwiseOperandMu, kBlockwiseOperandNu, kBlockwiseOperandNuMax}) {
-      ok &= in(k).element_type() == ffi::DataType::U8 && in(k).element_count() == n;
+    bool ok = true;
+    uint8_t* codes[3];
+    int8_t* exponents[3];
+    size_t blocks = in(kExponents[0]).element_count();
+    for (int k = 0; k < 3; ++k) {
+      ok &= in(kCodes[k]).element_type() == ffi::DataType::U8 &&
+            in(kCodes[k]).element_count() == n &&
+            in(kExponents[k]).element_type() == ffi::DataType::S8 &&
+            in(kExponents[k]).element_count() == blocks;
+      StartFrom(in(kCodes[k]), out(kCodeResults[k]));
+      StartFrom(in(kExponents[k]), out(kExponentResults[k]));
+      codes[k] = static_cast<uint8_t*>(out(kCodeResults[k]).untyped_data());
+      exponents[k] = static_cast<int8_t*>(out(kExponentResults[k]).untyped_data());
     }
-    for (int k : {kBlockwiseOperandMuExponents, kBlockwiseOperandNuExponents,
-                  kBlockwiseOperandNuMaxExponents}) {
-      ok &= in(k).element_type() == ffi::DataType::S8 && in(k).element_count() == blocks;
+    const size_t leaves_before = work->leaves.size();
+    BlockFn step = SelectBlocks(params.element_type(), decay, rounding == kRoundingStochastic,
+                                state_rounding == kRoundingStochastic);
+    ok = ok && AddBlockLeaf(*work, params, in(kBlockwiseOperandGrads),
+                            out(kBlockwiseResultParams), codes, exponents, n, blocks, block_size,
+                            leaf_ids[i], step, sizes, largest_block);
+    // Every exponent of the leaf is used: the exponents are shaped like its blocks.
+    if (!ok || sizes.back() != blocks || work->leaves.size() != leaves_before + 1) {
+      return ffi::Error::InvalidArgument(std::string(kName) + ": unsupported dtypes or shapes");
+    }
+  }
+  return RunOnPool(pool, work, sizes, largest_block);
+}
+
+// blockwise8 state in the flat layout: the group's FlatBlockwiseStateIndex buffers (codes
+// and exponents of mu, nu and nu_max), then per leaf FlatLeafOperandIndex; results: the
+// state buffers, then per leaf FlatLeafResultIndex. Attributes as the blockwise target's,
+// `offsets` (each leaf's first code) and `block_offsets` (each leaf's first exponent).
+ffi::Error AmsgradStepFlatBlockwise(ffi::ThreadPool pool, int64_t decay, int64_t rounding,
+                                    int64_t state_rounding, int64_t block_size,
+                                    ffi::Span<const int64_t> leaf_ids,
+                                    ffi::Span<const int64_t> offsets,
+                                    ffi::Span<const int64_t> block_offsets,
+                                    ffi::AnyBuffer scalars, ffi::RemainingArgs args,
+                                    ffi::RemainingRets rets) {
+  constexpr const char* kName = "amsgrad_jax_step_flat_blockwise";
+  const size_t num_leaves = offsets.size();
+  if (leaf_ids.size() != num_leaves || block_offsets.size() != num_leaves || block_size < 1 ||
+      args.size() != kFlatBlockwiseStateBuffers + kFlatOperandsPerLeaf * num_leaves ||
+      rets.size() != kFlatBlockwiseStateBuffers + kFlatResultsPerLeaf * num_leaves ||
+      scalars.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument(std::string(kName) + ": wrong operands or attributes");
+  }
+  auto made = NewWork<BlockWork>(scalars);
+  if (made.has_error()) return made.error();
+  std::shared_ptr<BlockWork> work = *made;
+  constexpr int kCodes[3] = {kFlatBlockwiseStateMu, kFlatBlockwiseStateNu,
+                             kFlatBlockwiseStateNuMax};
+  constexpr int kExponents[3] = {kFlatBlockwiseStateMuExponents, kFlatBlockwiseStateNuExponents,
+                                 kFlatBlockwiseStateNuMaxExponents};
+  auto state_in = [&](int k) { return *args.get<ffi::AnyBuffer>(k); };
+  auto state_out = [&](int k) { return **rets.get<ffi::AnyBuffer>(k); };
+  const size_t num_codes = state_in(kCodes[0]).element_count();
+  const size_t num_blocks = state_in(kExponents[0]).element_count();
+  uint8_t* codes[3];
+  int8_t* exponents[3];
+  for (int k = 0; k < 3; ++k) {
+    if (state_in(kCodes[k]).element_type() != ffi::DataType::U8 ||
+        state_in(kCodes[k]).element_count() != num_codes ||
+        state_in(kExponents[k]).element_type() != ffi::DataType::S8 ||
+        state_in(kExponents[k]).element_count() != num_blocks) {
+      return ffi::Error::InvalidArgument(std::string(kName) + ": mismatched state buffers");
+    }
+    StartFrom(state_in(kCodes[k]), state_out(kCodes[k]));
+    StartFrom(state_in(kExponents[k]), state_out(kExponents[k]));
+    codes[k] = static_cast<uint8_t*>(state_out(kCodes[k]).untyped_data());
+    exponents[k] = static_cast<int8_t*>(state_out(kExponents[k]).untyped_data());
+  }
+  std::vector<size_t> sizes;
+  size_t largest_block = 1;
+  for (size_t i = 0; i < num_leaves; ++i) {
+    const size_t first = kFlatBlockwiseStateBuffers + i * kFlatOperandsPerLeaf;
+    const ffi::AnyBuffer params = *args.get<ffi::AnyBuffer>(first + kFlatLeafOperandParams);
+    const ffi::AnyBuffer grads = *args.get<ffi::AnyBuffer>(first + kFlatLeafOperandGrads);
+    const ffi::AnyBuffer params_out =
+        Result(rets, kFlatBlockwiseStateBuffers, i, kFlatResultsPerLeaf, kFlatLeafResultParams);
+    const int64_t offset = offsets[i], block_offset = block_offsets[i];
+    if (offset < 0 || block_offset < 0 || static_cast<size_t>(offset) > num_codes ||
+        static_cast<size_t>(block_offset) > num_blocks) {
+      return ffi::Error::InvalidArgument(std::string(kName) + ": offsets out of range");
+    }
+    uint8_t* leaf_codes[3];
+    int8_t* leaf_exponents[3];
+    for (int k = 0; k < 3; ++k) {
+      leaf_codes[k] = codes[k] + offset;
+      leaf_exponents[k] = exponents[k] + block_offset;
     }
     BlockFn step = SelectBlocks(params.element_type(), decay, rounding == kRoundingStochastic,
                                 state_rounding == kRoundingStochastic);
-    if (!ok || step == nullptr || (i > 0 && step != work->step)) {
+    if (!AddBlockLeaf(*work, params, grads, params_out, leaf_codes, leaf_exponents,
+                      num_codes - offset, num_blocks - block_offset, block_size, leaf_ids[i],
+                      step, sizes, largest_block)) {
       return ffi::Error::InvalidArgument(std::string(kName) + ": unsupported dtypes or shapes");
     }
-    work->step = step;
-    void* data[kBlockwiseResultsPerLeaf];
-    for (const auto& [result, operand] : updated) {
-      const ffi::AnyBuffer out = Result(rets, 0, i, kBlockwiseResultsPerLeaf, result);
-      StartFrom(in(operand), out);
-      data[result] = out.untyped_data();
-    }
-    BlockLeaf leaf{data[kBlockwiseResultParams], in(kBlockwiseOperandGrads).untyped_data(),
-                   {static_cast<uint8_t*>(data[kBlockwiseResultMu]),
-                    static_cast<uint8_t*>(data[kBlockwiseResultNu]),
-                    static_cast<uint8_t*>(data[kBlockwiseResultNuMax])},
-                   {static_cast<int8_t*>(data[kBlockwiseResultMuExponents]),
-                    static_cast<int8_t*>(data[kBlockwiseResultNuExponents]),
-                    static_cast<int8_t*>(data[kBlockwiseResultNuMaxExponents])},
-                   row, block, blocks_per_row, LeafKey(work->key, leaf_ids[i]),
-                   LeafKey(work->key, leaf_ids[i], kRoundStateSalt)};
-    work->leaves.push_back(leaf);
-    sizes.push_back(blocks);
-    largest_block = std::max(largest_block, block);
   }
   return RunOnPool(pool, work, sizes, largest_block);
 }
@@ -1300,6 +1389,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepBlockwise, AmsgradStepBlockwise,
                                   .Attr<int64_t>("state_rounding")
                                   .Attr<int64_t>("block_size")
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlatBlockwise, AmsgradStepFlatBlockwise,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("decay")
+                                  .Attr<int64_t>("rounding")
+                                  .Attr<int64_t>("state_rounding")
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<ffi::Span<const int64_t>>("leaf_ids")
+                                  .Attr<ffi::Span<const int64_t>>("offsets")
+                                  .Attr<ffi::Span<const int64_t>>("block_offsets")
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
                                   .RemainingRets());
