@@ -61,6 +61,7 @@ when that is shorter): 3.01 for ``block_size=256``, against 12 for float32 state
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -444,6 +445,35 @@ def is_blockwise(x: Any) -> bool:
 def moment_leaves(moment: Any) -> list[Any]:
   """A moment tree's leaves, a :class:`Blockwise8Array` counting as one leaf."""
   return jax.tree.leaves(moment, is_leaf=is_blockwise)
+
+
+def _is_unwrapped(x: Any) -> bool:
+  """A mapping of exactly ``codes`` and ``exponents``: a :class:`Blockwise8Array` whose
+  static fields were dropped on the way (see :func:`rewrapped`)."""
+  return isinstance(x, Mapping) and set(x.keys()) == {"codes", "exponents"}
+
+
+def rewrapped(moment: Any, fmt: Any, kind: str) -> Any:
+  """``moment`` with every ``{"codes": ..., "exponents": ...}`` mapping in it made a
+  :class:`Blockwise8Array` again, of ``fmt``'s block size and the moment ``kind``.
+
+  Frameworks that keep the optimizer state in their own containers can hand it back
+  that way: Flax's ``nnx.Optimizer`` stores the new state with ``nnx.update(opt_state,
+  nnx.state(new_state))``, which turns each :class:`Blockwise8Array` (a pytree node) into
+  a mapping of its two arrays and drops its static fields. The format the optimizer was
+  built with restores them. ``moment`` is returned unchanged when ``fmt`` is not a
+  :class:`Blockwise8` or nothing needs restoring."""
+  if not isinstance(fmt, Blockwise8) or not any(
+    _is_unwrapped(x) for x in jax.tree.leaves(moment, is_leaf=_is_unwrapped)
+  ):
+    return moment
+
+  def restore(x: Any) -> Any:
+    if not _is_unwrapped(x):
+      return x
+    return Blockwise8Array(x["codes"], x["exponents"], fmt.block_size, kind)
+
+  return jax.tree.map(restore, moment, is_leaf=_is_unwrapped)
 
 
 def shapes_of(moment: Any) -> Any:

@@ -295,6 +295,7 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
   ) -> tuple[optax.Updates, ScaleByAmsgradState]:
     del params
     _validation.check_initialised(state, "scale_by_amsgrad's update")
+    state = with_blockwise_moments(state, options)
     flat = isinstance(state.mu, FlatMoment)
     if not flat:
       _validation.check_same_structure(updates, _blockwise.shapes_of(state.mu))
@@ -343,6 +344,18 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
     return jax.tree.unflatten(treedef, columns[0]), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def with_blockwise_moments(state: Any, options: TransformOptions) -> Any:
+  """``state`` with its :func:`~amsgrad_jax.blockwise8` moments restored where a framework
+  handed them back as plain mappings of their arrays (see :func:`_blockwise.rewrapped`)."""
+  if not isinstance(state, ScaleByAmsgradState) or isinstance(state.mu, FlatMoment):
+    return state
+  return state._replace(
+    mu=_blockwise.rewrapped(state.mu, options.mu_dtype, "mu"),
+    nu=_blockwise.rewrapped(state.nu, options.nu_dtype, "nu"),
+    nu_max=_blockwise.rewrapped(state.nu_max, options.nu_dtype, "nu_max"),
+  )
 
 
 def _flat_init(params: optax.Params, mu_dtype: Any, nu_dtype: Any) -> ScaleByAmsgradState:

@@ -386,9 +386,10 @@ def test_blockwise8_needs_real_parameters_and_a_sane_block_size():
     amsgrad_jax.amsgrad(1e-3, mu_dtype="int8")
 
 
-def test_restored_blockwise8_state_continues_bit_identically(tmp_path):
+@pytest.mark.parametrize("flat", [False, True])
+def test_restored_blockwise8_state_continues_bit_identically(tmp_path, flat):
   ocp = pytest.importorskip("orbax.checkpoint")
-  tx = blockwise_tx(amsgrad_jax.amsgradw)
+  tx = blockwise_tx(amsgrad_jax.amsgradw, flat_state=flat)
   _, _, params, state = quadratic_run(tx, steps=10)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "ckpt", {"params": params, "state": state})
@@ -438,3 +439,58 @@ def test_sharded_blockwise8_state_stays_sharded_without_collectives():
   straddling = {"w": jax.device_put(jnp.ones((16, 1000)), sharding)}
   with pytest.raises(ValueError, match="straddle"):
     tx.init(straddling)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["tree", "flat"])
+@pytest.mark.parametrize("way", ["update", "apply_step"])
+def test_nnx_optimizer_keeps_blockwise8_state_across_steps(flat, way):
+  """``nnx.Optimizer`` stores the new state with ``nnx.update``, which hands each
+  :class:`~amsgrad_jax.Blockwise8Array` back as a mapping of its two arrays: the next step
+  still reads it as 8-bit state (natively too, with no fallback), and the parameters and
+  codes are the bits of the plain Optax loop."""
+  import warnings
+
+  nnx = pytest.importorskip("flax.nnx")
+  tx = blockwise_tx(amsgrad_jax.amsgradw, block_size=4, flat_state=flat)
+  model = nnx.Linear(6, 8, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.linspace(-1.0, 1.0, 24).reshape(4, 6)
+
+  def loss(m):
+    return jnp.mean(jnp.sin(m(x)) ** 2)
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(loss)(model)
+    if way == "update":
+      optimizer.update(model, grads)
+      return
+    params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+    opt_state = nnx.as_pure(optimizer.opt_state)
+    grads = nnx.as_pure(nnx.state(grads, optimizer.wrt))
+    params, opt_state = amsgrad_jax.apply_step(optimizer.tx, grads, opt_state, params)
+    nnx.update(model, params)
+    nnx.update(optimizer.opt_state, nnx.state(opt_state))
+
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  state = tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", amsgrad_jax.NativeFallbackWarning)
+    for _ in range(6):
+      step(model, optimizer)
+
+  @jax.jit
+  def reference_step(params, state):
+    grads = jax.grad(lambda p: loss(nnx.merge(nnx.graphdef(model), p)))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(6):
+    params, state = reference_step(params, state)
+  got = nnx.as_pure(nnx.state(model, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+  stored = jax.tree.leaves(nnx.as_pure(optimizer.opt_state))
+  expected = jax.tree.leaves(state)
+  assert len(stored) == len(expected)
+  for a, b in zip(stored, expected, strict=True):
+    np.testing.assert_array_equal(a, b)

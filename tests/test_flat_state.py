@@ -378,16 +378,16 @@ def test_flat_state_under_a_mesh_and_pmap(state):
   assert result.stdout.split() == ["ok", "8"]
 
 
-def test_nnx_optimizer_with_flat_state_follows_the_tree_layout():
+@pytest.mark.parametrize("stored", [None, amsgrad_jax.blockwise8(2)], ids=["float", "8-bit"])
+def test_nnx_optimizer_with_flat_state_follows_the_tree_layout(stored):
   """nnx.Optimizer builds the state from Variables and updates with their bare values: the
   layout accepts that coarser tree (each leaf where the layout holds one Variable)."""
   nnx = pytest.importorskip("flax.nnx")
 
   def train(flat_state: bool) -> object:
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(
-      model, amsgrad_jax.amsgrad(1e-2, flat_state=flat_state), wrt=nnx.Param
-    )
+    tx = amsgrad_jax.amsgrad(1e-2, flat_state=flat_state, mu_dtype=stored, nu_dtype=stored)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
 
     @nnx.jit

@@ -22,7 +22,7 @@ from amsgrad_jax._native import _loader
 from amsgrad_jax._native._interface import Decay
 from amsgrad_jax._native._loader import NativeStatus
 from amsgrad_jax._options import AliasOptions, AmsgradwOptions, numeric
-from amsgrad_jax._transform import ScaleByAmsgradState
+from amsgrad_jax._transform import ScaleByAmsgradState, with_blockwise_moments
 
 # Storage dtypes the kernel computes in float32 (all narrow) or float64 (all wide).
 _NARROW = {np.dtype(jax.numpy.bfloat16), np.dtype(np.float32)}
@@ -86,6 +86,8 @@ def plan(options: AliasOptions, grads: Any, opt_state: Any, params: Any) -> Plan
   state = opt_state[amsgrad_index]
   if not isinstance(state, ScaleByAmsgradState):
     return Fallback("opt_state is not the state this optimizer's init builds")
+  state = with_blockwise_moments(state, options)
+  opt_state = (*opt_state[:amsgrad_index], state, *opt_state[amsgrad_index + 1 :])
   schedule_index = None
   if callable(options.learning_rate):
     if not isinstance(opt_state[2], optax.ScaleByScheduleState):
