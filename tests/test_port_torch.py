@@ -276,6 +276,37 @@ def test_adam_without_amsgrad_is_refused_unless_the_maximum_starts_from_exp_avg_
       np.testing.assert_array_equal(nu, nu_max)
 
 
+def test_blockwise8_state_is_refused_by_name_both_ways():
+  weight = np.ones((2, 3), np.float32)
+  state_dict = {  # torch.optim.Adam([w], amsgrad=True) after 3 steps
+    "state": {0: {"step": 3.0, "exp_avg": weight, "exp_avg_sq": weight, "max_exp_avg_sq": weight}},
+    "param_groups": [
+      {
+        "params": [0],
+        "param_names": ["fc.weight"],
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "amsgrad": True,
+      }
+    ],
+  }
+
+  def to_kernel(weights):
+    return {"kernel": np.asarray(weights["fc.weight"]).T}
+
+  params = jax_tree(to_kernel({"fc.weight": weight}))
+  fmt = amsgrad_jax.blockwise8()
+  tx = amsgrad_jax.amsgrad(1e-3, mu_dtype=fmt, nu_dtype=fmt)
+  with pytest.raises(ValueError, match="stores its moments in blockwise8"):
+    interop.state_from_torch(tx, state_dict, params, to_kernel)
+  with pytest.raises(ValueError, match="stores its moments in blockwise8"):
+    interop.state_to_torch(tx, tx.init(params), lambda p: {"fc.weight": p["kernel"].T})
+  float_state = interop.state_from_torch(amsgrad_jax.amsgrad(1e-3), state_dict, params, to_kernel)
+  assert float_state[1].nu_max["kernel"].shape == (3, 2)
+
+
 def test_a_parameter_without_state_is_refused():
   run = small_run()
   state_dict = run.optimizer.state_dict()

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from amsgrad_jax._blockwise import is_blockwise
 from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._transform import ScaleByAmsgradState
 
@@ -186,6 +187,12 @@ def _moment_leaves(state: ScaleByAmsgradState, field: str, treedef: Any) -> list
     raise ValueError(
       "the interop conversions read and write the default state layout; build the "
       "optimizer without flat_state=True (the numbers are the same)."
+    )
+  if any(is_blockwise(x) for x in jax.tree.leaves(moment, is_leaf=is_blockwise)):
+    raise ValueError(
+      "the interop conversions carry float state, which PyTorch and Keras keep; this "
+      "optimizer stores its moments in blockwise8. Build it with float mu_dtype and "
+      "nu_dtype (the defaults) for the conversion."
     )
   leaves, structure = jax.tree.flatten(moment, is_leaf=_is_masked)
   if structure != treedef:
