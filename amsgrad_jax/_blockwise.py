@@ -448,9 +448,14 @@ def moment_leaves(moment: Any) -> list[Any]:
 
 
 def _is_unwrapped(x: Any) -> bool:
-  """A mapping of exactly ``codes`` and ``exponents``: a :class:`Blockwise8Array` whose
-  static fields were dropped on the way (see :func:`rewrapped`)."""
-  return isinstance(x, Mapping) and set(x.keys()) == {"codes", "exponents"}
+  """A mapping of exactly ``codes`` (``uint8``) and ``exponents`` (``int8``) arrays: a
+  :class:`Blockwise8Array` whose static fields were dropped on the way (see
+  :func:`rewrapped`). A parameter subtree whose two leaves happen to be called so holds
+  moments, not such arrays, and is left alone."""
+  if not (isinstance(x, Mapping) and set(x.keys()) == {"codes", "exponents"}):
+    return False
+  codes, exponents = (getattr(x[name], "dtype", None) for name in ("codes", "exponents"))
+  return codes == np.uint8 and exponents == np.int8
 
 
 def rewrapped(moment: Any, fmt: Any, kind: str) -> Any:

@@ -494,3 +494,29 @@ def test_nnx_optimizer_keeps_blockwise8_state_across_steps(flat, way):
   assert len(stored) == len(expected)
   for a, b in zip(stored, expected, strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_parameters_called_codes_and_exponents_are_not_mistaken_for_8_bit_arrays():
+  """Reading back the mappings ``nnx.update`` stores must not swallow a parameter subtree
+  whose leaves are named ``codes`` and ``exponents``."""
+  tx = blockwise_tx(block_size=4)
+  params = {"codes": jnp.ones((2, 8)), "exponents": jnp.ones((8,))}
+  state = tx.init(params)
+  plain = {  # as nnx.update leaves it: every Blockwise8Array a mapping of its arrays
+    "codes": {"codes": state[1].mu["codes"].codes, "exponents": state[1].mu["codes"].exponents},
+    "exponents": {
+      "codes": state[1].mu["exponents"].codes,
+      "exponents": state[1].mu["exponents"].exponents,
+    },
+  }
+  restored = bw.rewrapped(plain, blockwise8(4), "mu")
+  assert jax.tree.structure(restored, is_leaf=bw.is_blockwise) == jax.tree.structure(
+    state[1].mu, is_leaf=bw.is_blockwise
+  )
+  assert all(bw.is_blockwise(restored[name]) for name in ("codes", "exponents"))
+  grads = jax.tree.map(jnp.ones_like, params)
+  step = jax.jit(tx.update)
+  expected = step(grads, state, params)
+  got = step(grads, (state[0], state[1]._replace(mu=plain), state[2]), params)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+    np.testing.assert_array_equal(a, b)
