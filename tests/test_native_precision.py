@@ -101,9 +101,7 @@ CASES = [
   )
   for dtype in ("float32", "bfloat16")
   for convention in (
-    ("pytorch", "keras", "optax", "paper")
-    if kind in ("blockwise8", "blockwise8_flat")
-    else ("pytorch",)
+    ("pytorch", "keras", "optax", "paper") if kind == "blockwise8" else ("pytorch",)
   )
   # bfloat16 state beside float32 parameters: see the per-step test below
   if not (dtype == "float32" and (kind.startswith("stochastic") or kind.startswith("bf16")))
