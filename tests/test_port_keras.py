@@ -22,6 +22,7 @@ from _sequences import gradient_sequence, initial_params
 from test_parity_torch import assert_trajectories_close
 
 import amsgrad_jax
+from amsgrad_jax import _blockwise as bw
 from amsgrad_jax import interop
 
 pytestmark = pytest.mark.keras
@@ -297,3 +298,35 @@ def test_keras_computes_the_cosine_of_its_cosine_decay_in_float32_even_in_float6
   Keras run trains with those rates, and the continuation above matches them."""
   with precision(np.float64) as keras:
     assert keras.ops.cos(jnp.asarray(1.0, jnp.float64)).dtype == jnp.float32
+
+
+def test_keras_state_into_blockwise8_and_back():
+  """Keras' float moments encoded into 8-bit state keep ``nu_max`` at or above Keras' (and
+  within one code step); written back to Keras they are the values the 8-bit state holds."""
+  weights0, grads = sequence(np.float32)
+  fmt = amsgrad_jax.blockwise8(4)
+  with precision(np.float32) as keras:
+    run = KerasRun(keras, "AdamW", "global_clipnorm", weights0)
+    for tree in grads[:7]:
+      run.step(tree)
+    run.sync()
+    params = jax.tree.map(jnp.asarray, convert(run.weights()))
+    float_tx = interop.optimizer_from_keras(run.optimizer, params, convert)
+    tx = interop.optimizer_from_keras(run.optimizer, params, convert, mu_dtype=fmt, nu_dtype=fmt)
+    exact = amsgrad_states(interop.state_from_keras(float_tx, run.optimizer, params, convert))[0]
+    state = interop.state_from_keras(tx, run.optimizer, params, convert)
+    stored = amsgrad_states(state)[0]
+    run.load(interop.state_to_keras(tx, state, run.optimizer, convert_back))
+    back = amsgrad_states(interop.state_from_keras(float_tx, run.optimizer, params, convert))[0]
+  assert int(stored.count) == int(exact.count) == 7
+  for true_max, kept in zip(
+    jax.tree.leaves(exact.nu_max), bw.moment_leaves(stored.nu_max), strict=True
+  ):
+    value, true_max = np.asarray(bw.dequantize(kept)), np.asarray(true_max)
+    assert np.all(value >= true_max)
+    assert np.all(value <= np.maximum(true_max * (1 + 2.0**-4), 2.0**-100))
+  for field in ("mu", "nu_max"):
+    for written, kept in zip(
+      jax.tree.leaves(getattr(back, field)), bw.moment_leaves(getattr(stored, field)), strict=True
+    ):
+      np.testing.assert_array_equal(np.asarray(written), np.asarray(bw.dequantize(kept)))

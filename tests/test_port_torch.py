@@ -25,7 +25,9 @@ from _sequences import gradient_sequence, initial_params
 from test_parity_torch import assert_trajectories_close
 
 import amsgrad_jax
+from amsgrad_jax import _blockwise as bw
 from amsgrad_jax import interop
+from amsgrad_jax.interop import _state as interop_state
 
 STEPS, SPLIT = 500, 200
 MAX_NORM = 5.0
@@ -276,35 +278,61 @@ def test_adam_without_amsgrad_is_refused_unless_the_maximum_starts_from_exp_avg_
       np.testing.assert_array_equal(nu, nu_max)
 
 
-def test_blockwise8_state_is_refused_by_name_both_ways():
-  weight = np.ones((2, 3), np.float32)
-  state_dict = {  # torch.optim.Adam([w], amsgrad=True) after 3 steps
-    "state": {0: {"step": 3.0, "exp_avg": weight, "exp_avg_sq": weight, "max_exp_avg_sq": weight}},
-    "param_groups": [
-      {
-        "params": [0],
-        "param_names": ["fc.weight"],
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 0.0,
-        "amsgrad": True,
-      }
-    ],
-  }
+@pytest.mark.parametrize("block_size", [4, 256])
+def test_pytorch_state_into_blockwise8_and_back(block_size):
+  """PyTorch's float moments are encoded into 8-bit state (``nu_max`` rounded up, never
+  below PyTorch's), within one code step of PyTorch's; decoded for PyTorch, they are the
+  values the 8-bit state holds, and encoding them again stores the same values."""
+  run = small_run(steps=5)
+  state_dict = run.optimizer.state_dict()
+  params, float_tx = params_and_tx(run)
+  fmt = amsgrad_jax.blockwise8(block_size)
+  tx8 = interop.optimizer_from_torch(
+    run.optimizer, params, convert, scheduler=run.scheduler, mu_dtype=fmt, nu_dtype=fmt
+  )
+  float_state = interop.state_from_torch(float_tx, state_dict, params, convert)
+  state = interop.state_from_torch(tx8, state_dict, params, convert)
+  floats = interop_state.amsgrad_states(float_state)
+  stored = interop_state.amsgrad_states(state)
+  assert all(bw.is_blockwise(x) for s in stored for x in bw.moment_leaves(s.mu))
+  for exact, encoded in zip(floats, stored, strict=True):
+    assert int(encoded.count) == int(exact.count)
+    for true_max, kept in zip(
+      jax.tree.leaves(exact.nu_max), bw.moment_leaves(encoded.nu_max), strict=True
+    ):
+      if isinstance(kept, optax.MaskedNode):
+        continue
+      value = np.asarray(bw.dequantize(kept))
+      true_max = np.asarray(true_max, np.float32)
+      assert np.all(value >= true_max)
+      assert np.all(value <= np.where(true_max > 0, true_max * (1 + 2.0**-4), 2.0**-100))
+  back = interop.state_to_torch(tx8, state, convert_back)
+  again = interop.state_from_torch(tx8, back, params, convert)
+  for a, b in zip(
+    interop_state.amsgrad_states(state), interop_state.amsgrad_states(again), strict=True
+  ):
+    for field in ("mu", "nu", "nu_max"):
+      for x, y in zip(
+        bw.moment_leaves(getattr(a, field)), bw.moment_leaves(getattr(b, field)), strict=True
+      ):
+        if isinstance(x, optax.MaskedNode):
+          continue
+        np.testing.assert_array_equal(
+          bw.dequantize(x) if field != "nu" else x.codes,
+          bw.dequantize(y) if field != "nu" else y.codes,
+        )
 
-  def to_kernel(weights):
-    return {"kernel": np.asarray(weights["fc.weight"]).T}
 
-  params = jax_tree(to_kernel({"fc.weight": weight}))
+def test_blockwise8_state_needs_a_rule_the_frameworks_have():
+  run = small_run()
+  params, _ = params_and_tx(run)
   fmt = amsgrad_jax.blockwise8()
-  tx = amsgrad_jax.amsgrad(1e-3, mu_dtype=fmt, nu_dtype=fmt)
-  with pytest.raises(ValueError, match="stores its moments in blockwise8"):
-    interop.state_from_torch(tx, state_dict, params, to_kernel)
-  with pytest.raises(ValueError, match="stores its moments in blockwise8"):
-    interop.state_to_torch(tx, tx.init(params), lambda p: {"fc.weight": p["kernel"].T})
-  float_state = interop.state_from_torch(amsgrad_jax.amsgrad(1e-3), state_dict, params, to_kernel)
-  assert float_state[1].nu_max["kernel"].shape == (3, 2)
+  plain = optax.chain(amsgrad_jax.scale_by_amsgrad(mu_dtype=fmt, nu_dtype=fmt), optax.scale(-1e-3))
+  with pytest.raises(ValueError, match="does not say it"):
+    interop.state_to_torch(plain, plain.init(params), convert_back, like=run.optimizer)
+  optax_rule = amsgrad_jax.amsgrad(1e-3, mu_dtype=fmt, nu_dtype=fmt, convention="optax")
+  with pytest.raises(ValueError, match='convention="optax"'):
+    interop.state_to_torch(optax_rule, optax_rule.init(params), convert_back, like=run.optimizer)
 
 
 def test_a_parameter_without_state_is_refused():

@@ -134,6 +134,8 @@ def state_from_keras(
   and ``iterations`` is ``count``. Each moment goes through ``convert``, the function that
   maps ``{variable.path: array}`` of weights to the JAX parameters; every step counter in
   the state is set to ``iterations``, the rest is ``tx.init(params)``'s.
+  Moments that ``tx`` stores in :func:`~amsgrad_jax.blockwise8` are encoded into it
+  (``nu_max`` rounded up, never below the framework's; see the porting guide).
 
   Args:
     tx: the optimizer that continues the run, e.g. :func:`optimizer_from_keras`'s.
@@ -198,7 +200,7 @@ def state_to_keras(
     >>> optimizer.load_own_variables(store)  # doctest: +SKIP
   """
   _checked(optimizer)
-  named = from_optax(opt_state, convert_back)
+  named = from_optax(tx, opt_state, convert_back)
   if len(named.steps) != 1:
     raise ValueError(f"opt_state has {len(named.steps)} parameter groups; a Keras optimizer one.")
   hats = _hats(optimizer)
@@ -248,6 +250,9 @@ def optimizer_from_keras(
   optimizer: Any,
   params: optax.Params,
   convert: Callable[[dict[str, Any]], optax.Params],
+  *,
+  mu_dtype: Any = None,
+  nu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The amsgrad_jax optimizer of a Keras 3 ``Adam``/``AdamW(amsgrad=True)``.
 
@@ -264,6 +269,10 @@ def optimizer_from_keras(
       (the mask is read from its variables).
     params: the JAX parameters.
     convert: ``{path: array} -> parameters``, the weights converter.
+    mu_dtype: how JAX stores the moments (see :func:`~amsgrad_jax.amsgrad`), for
+      example :func:`~amsgrad_jax.blockwise8` for 8-bit state; the Keras optimizer's float
+      state converts into it (:func:`state_from_keras`).
+    nu_dtype: the same for ``nu`` and ``nu_max``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``groups`` attribute holds the
@@ -296,11 +305,24 @@ def optimizer_from_keras(
   elif optimizer.clipvalue:
     front.append(optax.clip(optimizer.clipvalue))
   if optimizer.weight_decay is None:
-    tx = amsgrad(learning_rate, b1, b2, eps, convention="keras")
+    tx = amsgrad(
+      learning_rate, b1, b2, eps, convention="keras", mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    )
   else:
     mask = _decay_mask(optimizer, params, convert)
     weight_decay = _ported.number(optimizer.weight_decay)
-    tx = amsgradw(learning_rate, b1, b2, eps, 0.0, weight_decay, mask=mask, convention="keras")
+    tx = amsgradw(
+      learning_rate,
+      b1,
+      b2,
+      eps,
+      0.0,
+      weight_decay,
+      mask=mask,
+      convention="keras",
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+    )
   return _ported.build([tx], None, front)
 
 

@@ -12,6 +12,14 @@ the state (a chain's tuple, ``optax.partition``'s groups, ``optax.masked``,
 ``optax.inject_hyperparams``); the parameters it covers (its leaves that are not
 ``optax.MaskedNode``) tell which parameter group it is, and every step counter beside it
 (a schedule's ``count``) is set to that group's step.
+
+A state stored in :func:`~amsgrad_jax.blockwise8` is converted through its values: the
+framework's float moments are encoded into it (``mu`` and ``nu`` to nearest, ``nu_max``
+rounded up, so it stays at or above the framework's running maximum), and its stored
+values are decoded for the framework. ``nu`` is stored relative to the rule's running
+maximum, so this needs a rule whose maximum is of ``v`` itself (``"pytorch"``,
+``"keras"``, ``"paper"``) and an optimizer that says its rule (built by the aliases or
+by ``optimizer_from_torch``).
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amsgrad_jax._blockwise import is_blockwise
+from amsgrad_jax import _blockwise
+from amsgrad_jax._blockwise import Blockwise8Array, is_blockwise
 from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._transform import ScaleByAmsgradState
+from amsgrad_jax.interop._ported import groups_of
 
 MOMENTS = ("mu", "nu", "nu_max")
 Convert = Callable[[dict[str, Any]], Any]
@@ -180,6 +190,78 @@ def _is_masked(node: Any) -> bool:
   return isinstance(node, optax.MaskedNode)
 
 
+def _is_masked_or_blockwise(node: Any) -> bool:
+  return _is_masked(node) or is_blockwise(node)
+
+
+def _has_blockwise(state: ScaleByAmsgradState) -> bool:
+  return any(is_blockwise(x) for x in jax.tree.leaves(state, is_leaf=is_blockwise))
+
+
+def check_blockwise_rules(tx: optax.GradientTransformation, opt_state: Any) -> None:
+  """Raise ``ValueError`` unless every :func:`~amsgrad_jax.blockwise8` moment of
+  ``opt_state`` can be converted: ``tx`` says its rules, and each keeps the maximum of
+  ``v`` itself, against which ``nu`` is stored (see the module's docstring)."""
+  if not any(_has_blockwise(state) for state in amsgrad_states(opt_state)):
+    return
+  groups = groups_of(tx)
+  if groups is None:
+    raise ValueError(
+      "8-bit (blockwise8) state is converted through its rule, and tx does not say it: "
+      "build tx with amsgrad, amsgradw or optimizer_from_torch / optimizer_from_keras."
+    )
+  for options in groups:
+    half = jnp.asarray(0.5, jnp.float32)
+    if options.rule.coefficients(half, half).nu_scale != 1.0:
+      raise ValueError(
+        f'8-bit (blockwise8) state under convention="{options.convention}" keeps the '
+        "maximum of the bias-corrected second moment, which the frameworks do not: "
+        "convert it with a float mu_dtype and nu_dtype."
+      )
+
+
+def _encoded(values: dict[str, np.ndarray], template: Blockwise8Array, field: str) -> Any:
+  """A framework's float moment ``values[field]`` stored as ``template`` is: ``mu`` to
+  nearest, ``nu_max`` rounded up (never below the framework's), ``nu`` to nearest against
+  the stored ``nu_max`` (the rule's ``a`` is 1, see :func:`check_blockwise_rules`)."""
+  size = template.block_size
+  if field == "mu":
+    return _blockwise.quantize(
+      jnp.asarray(cast(values["mu"], np.float32, round_up=False)), size, "mu"
+    )
+  maximum = cast(values["nu_max"], np.float32, round_up=True)
+  nu_max = _blockwise.quantize(jnp.asarray(maximum), size, "nu_max", upward=True)
+  if field == "nu_max":
+    return nu_max
+  nu = jnp.asarray(cast(values["nu"], np.float32, round_up=False))
+  return _blockwise.quantize_nu(nu, _blockwise.dequantize(nu_max), size)
+
+
+def _decoded(state: ScaleByAmsgradState) -> ScaleByAmsgradState:
+  """``state`` with every :func:`~amsgrad_jax.blockwise8` moment as the float32 values it
+  stores (``a`` is 1, see :func:`check_blockwise_rules`)."""
+  if not _has_blockwise(state):
+    return state
+
+  def values(mu: Any, nu: Any, nu_max: Any) -> tuple[Any, Any, Any]:
+    if not is_blockwise(mu):
+      return mu, nu, nu_max
+    maximum = _blockwise.dequantize(nu_max)
+    return _blockwise.dequantize(mu), _blockwise.dequantize_nu(nu, maximum, 1.0), maximum
+
+  leaves = [
+    jax.tree.leaves(getattr(state, field), is_leaf=_is_masked_or_blockwise) for field in MOMENTS
+  ]
+  treedef = jax.tree.structure(state.mu, is_leaf=_is_masked_or_blockwise)
+  columns = list(zip(*(values(*leaf) for leaf in zip(*leaves, strict=True)), strict=True))
+  return state._replace(
+    **{
+      field: jax.tree.unflatten(treedef, column)
+      for field, column in zip(MOMENTS, columns, strict=True)
+    }
+  )
+
+
 def _moment_leaves(state: ScaleByAmsgradState, field: str, treedef: Any) -> list[Any]:
   """The leaves of one moment of ``state``, ``optax.MaskedNode`` where it does not apply."""
   moment = getattr(state, field)
@@ -188,13 +270,7 @@ def _moment_leaves(state: ScaleByAmsgradState, field: str, treedef: Any) -> list
       "the interop conversions read and write the default state layout; build the "
       "optimizer without flat_state=True (the numbers are the same)."
     )
-  if any(is_blockwise(x) for x in jax.tree.leaves(moment, is_leaf=is_blockwise)):
-    raise ValueError(
-      "the interop conversions carry float state, which PyTorch and Keras keep; this "
-      "optimizer stores its moments in blockwise8. Build it with float mu_dtype and "
-      "nu_dtype (the defaults) for the conversion."
-    )
-  leaves, structure = jax.tree.flatten(moment, is_leaf=_is_masked)
+  leaves, structure = jax.tree.flatten(moment, is_leaf=_is_masked_or_blockwise)
   if structure != treedef:
     raise ValueError(
       f"the optimizer state holds an AMSGrad {field} that is not shaped like the "
@@ -292,15 +368,20 @@ class _Filler:
 
   def fill_amsgrad(self, state: ScaleByAmsgradState) -> ScaleByAmsgradState:
     group = self.group_of(state)
+    templates = {field: _moment_leaves(state, field, self.treedef) for field in MOMENTS}
     fields: dict[str, Any] = {}
     for field in MOMENTS:
-      leaves = _moment_leaves(state, field, self.treedef)
       new = []
-      for index, (template, value) in enumerate(zip(leaves, self.moments[field], strict=True)):
+      for index, template in enumerate(templates[field]):
         if _is_masked(template):
           new.append(template)
           continue
         self.covered[index] = True
+        if is_blockwise(template):
+          values = {name: self.moments[name][index] for name in MOMENTS}
+          new.append(_placed_like(_encoded(values, template, field), template))
+          continue
+        value = self.moments[field][index]
         new.append(_placed(cast(value, template.dtype, round_up=field == "nu_max"), template))
       fields[field] = jax.tree.unflatten(self.treedef, new)
     count = self.count(
@@ -327,6 +408,16 @@ def _placed(value: np.ndarray, template: Any) -> jax.Array:
   return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
 
 
+def _placed_like(stored: Blockwise8Array, template: Blockwise8Array) -> Blockwise8Array:
+  """``stored``'s arrays placed as ``template``'s are."""
+  return Blockwise8Array(
+    _placed(np.asarray(stored.codes), template.codes),
+    _placed(np.asarray(stored.exponents), template.exponents),
+    template.block_size,
+    template.kind,
+  )
+
+
 def to_optax(
   tx: optax.GradientTransformation,
   params: Any,
@@ -338,6 +429,7 @@ def to_optax(
   """``tx``'s state holding ``named``: every moment through ``convert``, every step counter
   at its group's step. Nothing is changed when it raises."""
   template = tx.init(params)
+  check_blockwise_rules(tx, template)
   if not named.names:  # A framework optimizer that has not stepped: nothing to carry.
     return template
   moments = {field: converted(convert, getattr(named, field), params, field) for field in MOMENTS}
@@ -367,12 +459,15 @@ def to_optax(
   return state
 
 
-def from_optax(opt_state: optax.OptState, convert_back: ConvertBack) -> NamedState:
-  """The :class:`NamedState` of ``opt_state``, through ``convert_back``.
+def from_optax(
+  tx: optax.GradientTransformation, opt_state: optax.OptState, convert_back: ConvertBack
+) -> NamedState:
+  """The :class:`NamedState` of ``tx``'s ``opt_state``, through ``convert_back``.
 
   Each :class:`ScaleByAmsgradState` found (in walking order) is a parameter group.
   """
-  states = amsgrad_states(opt_state)
+  check_blockwise_rules(tx, opt_state)
+  states = [_decoded(state) for state in amsgrad_states(opt_state)]
   if not states:
     raise ValueError("the optimizer state holds no ScaleByAmsgradState: it is not AMSGrad's.")
   treedef = jax.tree.structure(states[0].mu, is_leaf=_is_masked)

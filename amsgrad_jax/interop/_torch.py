@@ -230,6 +230,8 @@ def state_from_torch(
   parameters, so the moments are laid out exactly as the weights. Every step counter in
   the state (AMSGrad's and a schedule's) is set to its group's ``step``; the rest of the
   state is ``tx.init(params)``'s, placed and sharded like ``params``.
+  Moments that ``tx`` stores in :func:`~amsgrad_jax.blockwise8` are encoded into it
+  (``nu_max`` rounded up, never below the framework's; see the porting guide).
 
   Args:
     tx: the optimizer that continues the run: :func:`optimizer_from_torch`'s, or any
@@ -354,7 +356,7 @@ def state_to_torch(
     torch.Size([2, 3])
   """
   torch = importlib.import_module("torch")
-  named = from_optax(opt_state, convert_back)
+  named = from_optax(tx, opt_state, convert_back)
   ours = _ported.groups_of(tx)
   if like is not None:
     like_dict = _state_dict_of(like)
@@ -448,6 +450,8 @@ def optimizer_from_torch(
   max_grad_norm: float | None = None,
   norm_type: float = 2.0,
   names: Sequence[str] | None = None,
+  mu_dtype: Any = None,
+  nu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The amsgrad_jax optimizer of a PyTorch ``Adam``/``AdamW(amsgrad=True)`` training step.
 
@@ -470,6 +474,10 @@ def optimizer_from_torch(
     norm_type: ``clip_grad_norm_``'s ``norm_type``.
     names: the parameters' names in the optimizer's order, when it was not built from
       ``model.named_parameters()`` (needed for several groups).
+    mu_dtype: how JAX stores the moments (see :func:`~amsgrad_jax.amsgrad`), for
+      example :func:`~amsgrad_jax.blockwise8` for 8-bit state; PyTorch's float state
+      converts into it (:func:`state_from_torch`).
+    nu_dtype: the same for ``nu`` and ``nu_max``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``groups`` attribute holds the
@@ -518,6 +526,8 @@ def optimizer_from_torch(
         eps=_ported.number(group["eps"]),
         weight_decay=_ported.number(group["weight_decay"]),
         convention="pytorch",
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
       )
     )
   labels = None
