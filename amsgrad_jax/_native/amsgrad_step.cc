@@ -1379,14 +1379,20 @@ ffi::Error AmsgradStepFlatBlockwise(ffi::ThreadPool pool, int64_t decay, int64_t
   return RunOnPool(pool, work, sizes, largest_block);
 }
 
+// What every step target's binding starts with: the pool, then the attributes `decay`,
+// `rounding` and `state_rounding`.
+auto StepBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Attr<int64_t>("decay")
+      .Attr<int64_t>("rounding")
+      .Attr<int64_t>("state_rounding");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepBlockwise, AmsgradStepBlockwise,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("decay")
-                                  .Attr<int64_t>("rounding")
-                                  .Attr<int64_t>("state_rounding")
+                              StepBinding()
                                   .Attr<int64_t>("block_size")
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Arg<ffi::AnyBuffer>()
@@ -1394,11 +1400,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepBlockwise, AmsgradStepBlockwise,
                                   .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlatBlockwise, AmsgradStepFlatBlockwise,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("decay")
-                                  .Attr<int64_t>("rounding")
-                                  .Attr<int64_t>("state_rounding")
+                              StepBinding()
                                   .Attr<int64_t>("block_size")
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Attr<ffi::Span<const int64_t>>("offsets")
@@ -1408,22 +1410,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlatBlockwise, AmsgradStepFlatBlockw
                                   .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStep, AmsgradStep,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("decay")
-                                  .Attr<int64_t>("rounding")
-                                  .Attr<int64_t>("state_rounding")
+                              StepBinding()
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
                                   .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradJaxStepFlat, AmsgradStepFlat,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("decay")
-                                  .Attr<int64_t>("rounding")
-                                  .Attr<int64_t>("state_rounding")
+                              StepBinding()
                                   .Attr<ffi::Span<const int64_t>>("leaf_ids")
                                   .Attr<ffi::Span<const int64_t>>("offsets")
                                   .Arg<ffi::AnyBuffer>()
