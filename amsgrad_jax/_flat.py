@@ -52,29 +52,25 @@ class FlatLayout:
     """The layout of ``leaves`` (of ``treedef``) whose parameter dtypes are ``dtypes``."""
     shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
     groups = tuple(np.dtype(dtype).name for dtype in dtypes)
-    filled: dict[str, int] = {}
-    offsets = []
-    for shape, group in zip(shapes, groups, strict=True):
-      offsets.append(filled.get(group, 0))
-      filled[group] = offsets[-1] + math.prod(shape)
-    return FlatLayout(treedef, shapes, groups, tuple(offsets))
+    offsets, _ = _packed(groups, [math.prod(shape) for shape in shapes])
+    return FlatLayout(treedef, shapes, groups, offsets)
 
   def sizes(self) -> dict[str, int]:
     """Elements in each group's buffer."""
-    sizes: dict[str, int] = {}
-    for shape, group in zip(self.shapes, self.groups, strict=True):
-      sizes[group] = sizes.get(group, 0) + math.prod(shape)
-    return sizes
+    return _packed(self.groups, [math.prod(shape) for shape in self.shapes])[1]
 
   def block_offsets(self, block_size: int) -> tuple[int, ...]:
     """Each leaf's first block exponent in its group's :func:`~amsgrad_jax.blockwise8`
     exponents buffer (a leaf has ``exponents_shape(shape, block_size)`` of them)."""
-    filled: dict[str, int] = {}
-    offsets = []
-    for shape, group in self.leaf_specs():
-      offsets.append(filled.get(group, 0))
-      filled[group] = offsets[-1] + math.prod(exponents_shape(shape, block_size))
-    return tuple(offsets)
+    return self._blocks(block_size)[0]
+
+  def block_counts(self, block_size: int) -> dict[str, int]:
+    """Block exponents in each group's :func:`~amsgrad_jax.blockwise8` buffer."""
+    return self._blocks(block_size)[1]
+
+  def _blocks(self, block_size: int) -> tuple[tuple[int, ...], dict[str, int]]:
+    counts = [math.prod(exponents_shape(shape, block_size)) for shape in self.shapes]
+    return _packed(self.groups, counts)
 
   def template(self) -> Any:
     """The parameter tree as shapes, for checking a gradient tree against the layout."""
@@ -105,6 +101,17 @@ class FlatLayout:
       if any(len(jax.tree.leaves(subtree)) != 1 for subtree in subtrees):
         return False
     return all(np.shape(leaf) == shape for leaf, shape in zip(leaves, self.shapes, strict=True))
+
+
+def _packed(groups: tuple[str, ...], counts: list[int]) -> tuple[tuple[int, ...], dict[str, int]]:
+  """Where each of ``counts`` items, one run per leaf, starts in its group's buffer (runs
+  in tree order), and how many items each group's buffer holds."""
+  filled: dict[str, int] = {}
+  offsets = []
+  for group, count in zip(groups, counts, strict=True):
+    offsets.append(filled.get(group, 0))
+    filled[group] = offsets[-1] + count
+  return tuple(offsets), filled
 
 
 @jax.tree_util.register_dataclass

@@ -7,7 +7,6 @@ either a :class:`Plan` (everything the native step needs) or a :class:`Fallback`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,11 +223,7 @@ def _flat_buffer_fits(buffer: Any, layout: FlatLayout, group: str, size: int) ->
   exponents, for :func:`~amsgrad_jax.blockwise8`)."""
   if not _blockwise.is_blockwise(buffer):
     return isinstance(buffer, jax.Array) and buffer.shape == (size,)
-  blocks = sum(
-    math.prod(_blockwise.exponents_shape(shape, buffer.block_size))
-    for shape, leaf_group in layout.leaf_specs()
-    if leaf_group == group
-  )
+  blocks = layout.block_counts(buffer.block_size)[group]
   codes, exponents = buffer.codes, buffer.exponents
   return (
     isinstance(codes, jax.Array)
