@@ -220,21 +220,36 @@ def check_blockwise_rules(tx: optax.GradientTransformation, opt_state: Any) -> N
       )
 
 
-def _encoded(values: dict[str, np.ndarray], template: Blockwise8Array, field: str) -> Any:
-  """A framework's float moment ``values[field]`` stored as ``template`` is: ``mu`` to
-  nearest, ``nu_max`` rounded up (never below the framework's), ``nu`` to nearest against
-  the stored ``nu_max`` (the rule's ``a`` is 1, see :func:`check_blockwise_rules`)."""
-  size = template.block_size
-  if field == "mu":
-    return _blockwise.quantize(
-      jnp.asarray(cast(values["mu"], np.float32, round_up=False)), size, "mu"
+def _stored(values: dict[str, np.ndarray], templates: dict[str, Any]) -> dict[str, Any]:
+  """One leaf's float moments ``values``, stored as its ``templates`` (by moment) are:
+  a float moment cast (``nu_max`` rounded up); a :func:`~amsgrad_jax.blockwise8` one
+  encoded, ``mu`` and ``nu`` to nearest and ``nu_max`` up (never below the framework's),
+  ``nu`` against the stored ``nu_max`` (the rule's ``a`` is 1, see
+  :func:`check_blockwise_rules`)."""
+  stored: dict[str, Any] = {}
+  for field in ("mu", "nu_max", "nu"):  # nu after the maximum it is stored against
+    template = templates[field]
+    exact = cast(
+      values[field],
+      np.float32 if is_blockwise(template) else template.dtype,
+      round_up=field == "nu_max",
     )
-  maximum = cast(values["nu_max"], np.float32, round_up=True)
-  nu_max = _blockwise.quantize(jnp.asarray(maximum), size, "nu_max", upward=True)
-  if field == "nu_max":
-    return nu_max
-  nu = jnp.asarray(cast(values["nu"], np.float32, round_up=False))
-  return _blockwise.quantize_nu(nu, _blockwise.dequantize(nu_max), size)
+    if not is_blockwise(template):
+      stored[field] = _placed(exact, template)
+      continue
+    size = template.block_size
+    if field == "nu":
+      maximum = _blockwise.dequantize(stored["nu_max"])
+      encoded = _blockwise.quantize_nu(jnp.asarray(exact), maximum, size)
+    else:
+      encoded = _blockwise.quantize(jnp.asarray(exact), size, field, upward=field == "nu_max")
+    stored[field] = Blockwise8Array(
+      _placed(np.asarray(encoded.codes), template.codes),
+      _placed(np.asarray(encoded.exponents), template.exponents),
+      size,
+      field,
+    )
+  return stored
 
 
 def _decoded(state: ScaleByAmsgradState) -> ScaleByAmsgradState:
@@ -244,10 +259,12 @@ def _decoded(state: ScaleByAmsgradState) -> ScaleByAmsgradState:
     return state
 
   def values(mu: Any, nu: Any, nu_max: Any) -> tuple[Any, Any, Any]:
-    if not is_blockwise(mu):
-      return mu, nu, nu_max
-    maximum = _blockwise.dequantize(nu_max)
-    return _blockwise.dequantize(mu), _blockwise.dequantize_nu(nu, maximum, 1.0), maximum
+    if is_blockwise(mu):
+      mu = _blockwise.dequantize(mu)
+    if is_blockwise(nu_max):  # nu and nu_max share nu_dtype
+      nu_max = _blockwise.dequantize(nu_max)
+      nu = _blockwise.dequantize_nu(nu, nu_max, 1.0)
+    return mu, nu, nu_max
 
   leaves = [
     jax.tree.leaves(getattr(state, field), is_leaf=_is_masked_or_blockwise) for field in MOMENTS
@@ -368,22 +385,18 @@ class _Filler:
 
   def fill_amsgrad(self, state: ScaleByAmsgradState) -> ScaleByAmsgradState:
     group = self.group_of(state)
-    templates = {field: _moment_leaves(state, field, self.treedef) for field in MOMENTS}
-    fields: dict[str, Any] = {}
-    for field in MOMENTS:
-      new = []
-      for index, template in enumerate(templates[field]):
-        if _is_masked(template):
-          new.append(template)
-          continue
+    templates = [_moment_leaves(state, field, self.treedef) for field in MOMENTS]
+    new: dict[str, list[Any]] = {field: [] for field in MOMENTS}
+    for index, leaf in enumerate(zip(*templates, strict=True)):
+      if _is_masked(leaf[0]):
+        stored = dict(zip(MOMENTS, leaf, strict=True))
+      else:
         self.covered[index] = True
-        if is_blockwise(template):
-          values = {name: self.moments[name][index] for name in MOMENTS}
-          new.append(_placed_like(_encoded(values, template, field), template))
-          continue
-        value = self.moments[field][index]
-        new.append(_placed(cast(value, template.dtype, round_up=field == "nu_max"), template))
-      fields[field] = jax.tree.unflatten(self.treedef, new)
+        values = {field: self.moments[field][index] for field in MOMENTS}
+        stored = _stored(values, dict(zip(MOMENTS, leaf, strict=True)))
+      for field in MOMENTS:
+        new[field].append(stored[field])
+    fields = {field: jax.tree.unflatten(self.treedef, new[field]) for field in MOMENTS}
     count = self.count(
       state.count, self.steps[group] if group is not None else 0, "an AMSGrad state"
     )
@@ -406,16 +419,6 @@ def _placed(value: np.ndarray, template: Any) -> jax.Array:
   """``value`` on the devices, and with the sharding, of the array it replaces."""
   sharding = getattr(template, "sharding", None)
   return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
-
-
-def _placed_like(stored: Blockwise8Array, template: Blockwise8Array) -> Blockwise8Array:
-  """``stored``'s arrays placed as ``template``'s are."""
-  return Blockwise8Array(
-    _placed(np.asarray(stored.codes), template.codes),
-    _placed(np.asarray(stored.exponents), template.exponents),
-    template.block_size,
-    template.kind,
-  )
 
 
 def to_optax(
