@@ -138,6 +138,12 @@ def canonical_state_dtype(name: str, dtype: Any) -> Any:
   or a :class:`~amsgrad_jax.Blockwise8` format as given."""
   if dtype is None or isinstance(dtype, Blockwise8):
     return dtype
+  if isinstance(dtype, np.ndarray | jax.Array):
+    raise ValueError(
+      f"{name} got an array ({dtype.dtype}{list(dtype.shape)}), not a dtype. Under "
+      f"optax.inject_hyperparams a scalar type such as jnp.bfloat16 is callable and is "
+      f"called as a schedule: pass jnp.dtype('bfloat16'), or name {name} in static_args."
+    )
   try:
     canonical = jnp.dtype(dtype)
   except TypeError as error:

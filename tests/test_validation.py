@@ -180,6 +180,23 @@ def test_non_float_state_dtype_raises_value_error(factory, argument, dtype):
     FACTORIES[factory](**{argument: dtype})
 
 
+@pytest.mark.parametrize("argument", ["mu_dtype", "nu_dtype"])
+def test_a_state_dtype_called_as_a_schedule_by_inject_hyperparams_says_what_to_pass(argument):
+  params = {"w": jnp.ones((3,))}
+  injected = optax.inject_hyperparams(amsgrad)
+  with pytest.raises(ValueError, match=rf"^{argument} got an array.*jnp.dtype\('bfloat16'\)"):
+    injected(learning_rate=0.1, **{argument: jnp.bfloat16}).init(params)
+  for tx in (
+    injected(learning_rate=0.1, **{argument: jnp.dtype("bfloat16")}),
+    optax.inject_hyperparams(amsgrad, static_args=(argument,))(
+      learning_rate=0.1, **{argument: jnp.bfloat16}
+    ),
+  ):
+    state = tx.init(params).inner_state[1]
+    moment = state.mu if argument == "mu_dtype" else state.nu_max
+    assert moment["w"].dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("convention", amsgrad_jax.CONVENTIONS)
 def test_inject_hyperparams_under_jit_is_not_validated_and_matches(convention):
   params = {"w": jnp.array([1.0, -2.0, 3.0])}
