@@ -5,6 +5,7 @@ Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
 
 from amsgrad_jax._aliases import amsgrad, amsgradw
 from amsgrad_jax._blockwise import Blockwise8, Blockwise8Array, blockwise8
+from amsgrad_jax._convert import convert_state
 from amsgrad_jax._flat import FlatLayout, FlatMoment
 from amsgrad_jax._guard import skip_nonfinite
 from amsgrad_jax._native import NativeFallbackWarning, NativeStatus, apply_step, native_status
@@ -26,6 +27,7 @@ __all__ = [
   "amsgradw",
   "apply_step",
   "blockwise8",
+  "convert_state",
   "native_status",
   "scale_by_amsgrad",
   "skip_nonfinite",

@@ -220,7 +220,7 @@ def check_blockwise_rules(tx: optax.GradientTransformation, opt_state: Any) -> N
       )
 
 
-def _stored(values: dict[str, np.ndarray], templates: dict[str, Any]) -> dict[str, Any]:
+def stored_like(values: dict[str, np.ndarray], templates: dict[str, Any]) -> dict[str, Any]:
   """One leaf's float moments ``values``, stored as its ``templates`` (by moment) are:
   a float moment cast (``nu_max`` rounded up); a :func:`~amsgrad_jax.blockwise8` one
   encoded, ``mu`` and ``nu`` to nearest and ``nu_max`` up (never below the framework's),
@@ -235,7 +235,7 @@ def _stored(values: dict[str, np.ndarray], templates: dict[str, Any]) -> dict[st
       round_up=field == "nu_max",
     )
     if not is_blockwise(template):
-      stored[field] = _placed(exact, template)
+      stored[field] = placed(exact, template)
       continue
     size = template.block_size
     if field == "nu":
@@ -244,15 +244,15 @@ def _stored(values: dict[str, np.ndarray], templates: dict[str, Any]) -> dict[st
     else:
       encoded = _blockwise.quantize(jnp.asarray(exact), size, field, upward=field == "nu_max")
     stored[field] = Blockwise8Array(
-      _placed(np.asarray(encoded.codes), template.codes),
-      _placed(np.asarray(encoded.exponents), template.exponents),
+      placed(np.asarray(encoded.codes), template.codes),
+      placed(np.asarray(encoded.exponents), template.exponents),
       size,
       field,
     )
   return stored
 
 
-def _decoded(state: ScaleByAmsgradState) -> ScaleByAmsgradState:
+def decoded(state: ScaleByAmsgradState) -> ScaleByAmsgradState:
   """``state`` with every :func:`~amsgrad_jax.blockwise8` moment as the float32 values it
   stores (``a`` is 1, see :func:`check_blockwise_rules`)."""
   if not _has_blockwise(state):
@@ -381,7 +381,7 @@ class _Filler:
     dtype = np.asarray(template).dtype
     if step > np.iinfo(dtype).max:
       raise ValueError(f"step {step} does not fit the {dtype} step counter of {where}.")
-    return _placed(np.asarray(step, dtype), template)
+    return placed(np.asarray(step, dtype), template)
 
   def fill_amsgrad(self, state: ScaleByAmsgradState) -> ScaleByAmsgradState:
     group = self.group_of(state)
@@ -393,7 +393,7 @@ class _Filler:
       else:
         self.covered[index] = True
         values = {field: self.moments[field][index] for field in MOMENTS}
-        stored = _stored(values, dict(zip(MOMENTS, leaf, strict=True)))
+        stored = stored_like(values, dict(zip(MOMENTS, leaf, strict=True)))
       for field in MOMENTS:
         new[field].append(stored[field])
     fields = {field: jax.tree.unflatten(self.treedef, new[field]) for field in MOMENTS}
@@ -415,7 +415,7 @@ def cast(value: np.ndarray, dtype: Any, *, round_up: bool) -> np.ndarray:
   return cast
 
 
-def _placed(value: np.ndarray, template: Any) -> jax.Array:
+def placed(value: np.ndarray, template: Any) -> jax.Array:
   """``value`` on the devices, and with the sharding, of the array it replaces."""
   sharding = getattr(template, "sharding", None)
   return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
@@ -470,7 +470,7 @@ def from_optax(
   Each :class:`ScaleByAmsgradState` found (in walking order) is a parameter group.
   """
   check_blockwise_rules(tx, opt_state)
-  states = [_decoded(state) for state in amsgrad_states(opt_state)]
+  states = [decoded(state) for state in amsgrad_states(opt_state)]
   if not states:
     raise ValueError("the optimizer state holds no ScaleByAmsgradState: it is not AMSGrad's.")
   treedef = jax.tree.structure(states[0].mu, is_leaf=_is_masked)
