@@ -6,19 +6,29 @@ stores them: ``mu`` and ``nu`` rounded to nearest, ``nu_max`` rounded up, so tha
 stored running maximum never falls below the one the run had. Everything else in the
 state (the step count, a schedule's count, ``inject_hyperparams``' values,
 ``MultiSteps``' accumulators) is carried over as it is.
+
+An 8-bit ``nu`` is stored relative to the running maximum of the rule's second moment
+(see :mod:`amsgrad_jax._blockwise`), so converting to or from it needs the rule: it is
+read from ``tx``, where every :func:`~amsgrad_jax.scale_by_amsgrad` marks its update
+function with its options (:data:`~amsgrad_jax._transform.OPTIONS_ATTRIBUTE`), found
+through Optax's wrappers by what their functions close over.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from amsgrad_jax._blockwise import is_blockwise
 from amsgrad_jax._flat import FlatMoment
-from amsgrad_jax._transform import ScaleByAmsgradState
+from amsgrad_jax._rules import RULES
+from amsgrad_jax._transform import OPTIONS_ATTRIBUTE, ScaleByAmsgradState
 
 MOMENTS = ("mu", "nu", "nu_max")
 
@@ -34,10 +44,11 @@ def convert_state(tx: optax.GradientTransformation, params: Any, opt_state: Any)
   to nearest, ``nu_max`` rounded up, so the stored running maximum is never below the
   one the run had (the algorithm's guarantee). Into float32, or into the storage it
   already has, the values are kept exactly. The step count and every other part of the
-  state are kept.
+  state are kept (copied, so that donating one state leaves the other intact).
 
-  It runs eagerly, on the host (not under ``jit``), and places each new array like the
-  one ``tx.init(params)`` makes.
+  It runs eagerly (not under ``jit``), through the host: every array must be readable
+  whole by this process (one process, or arrays replicated across processes). Each new
+  array is placed as ``tx.init(params)`` places it.
 
   Args:
     tx: the optimizer to continue with.
@@ -48,11 +59,11 @@ def convert_state(tx: optax.GradientTransformation, params: Any, opt_state: Any)
     A state of ``tx`` holding ``opt_state``'s values.
 
   Raises:
-    ValueError: ``opt_state`` is not a state of ``tx``'s chain (another structure, or
-      moments of other shapes), holds no AMSGrad state, or a conversion to or from 8-bit
-      state needs a rule ``tx`` does not say (see :func:`~amsgrad_jax.blockwise8`: build
-      ``tx`` with :func:`~amsgrad_jax.amsgrad` or :func:`~amsgrad_jax.amsgradw`) or keeps
-      the maximum of the bias-corrected second moment (``convention="optax"``).
+    ValueError: ``opt_state`` is not a state of ``tx``'s chain (another structure,
+      moments of other shapes, other ``optax.masked`` masks), ``tx`` holds no AMSGrad,
+      or a conversion to or from 8-bit state meets a rule whose maximum is of the
+      bias-corrected second moment (``convention="optax"``) or a ``tx`` whose rule
+      cannot be read.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -66,14 +77,10 @@ def convert_state(tx: optax.GradientTransformation, params: Any, opt_state: Any)
     >>> state[1].nu_max["w"].codes.dtype, int(state[1].count)
     (dtype('uint8'), 1)
   """
-  from amsgrad_jax.interop import _state  # the storage rules the interop shares
-
   target = tx.init(params)
-  targets = _state.amsgrad_states(target)
+  targets = _amsgrad_states(target)
   if not targets:
     raise ValueError("tx's state holds no ScaleByAmsgradState: tx is not an AMSGrad optimizer.")
-  _state.check_blockwise_rules(tx, opt_state)
-  _state.check_blockwise_rules(tx, target)
   outline: Any = jax.tree.structure(opt_state, is_leaf=_is_amsgrad_state)
   expected: Any = jax.tree.structure(target, is_leaf=_is_amsgrad_state)
   if outline != expected:
@@ -82,10 +89,15 @@ def convert_state(tx: optax.GradientTransformation, params: Any, opt_state: Any)
       f"  {outline}\nwhere tx.init(params) has\n  {expected}\n"
       "convert_state changes how the moments are stored, not the optimizer."
     )
-  sources = iter(_state.amsgrad_states(opt_state))
-  converted = {id(state): _converted(next(sources), state) for state in targets}
+  sources = _amsgrad_states(opt_state)
+  if any(_has_blockwise(state) for state in (*sources, *targets)):
+    _check_rules_for_8_bits(tx)
+  names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  new_states = iter(
+    [_converted(old, new, names) for old, new in zip(sources, targets, strict=True)]
+  )
   return jax.tree.map(
-    lambda old, new: converted[id(new)] if _is_amsgrad_state(new) else old,
+    lambda old, new: next(new_states) if _is_amsgrad_state(new) else _copied(old),
     opt_state,
     target,
     is_leaf=_is_amsgrad_state,
@@ -94,6 +106,110 @@ def convert_state(tx: optax.GradientTransformation, params: Any, opt_state: Any)
 
 def _is_amsgrad_state(node: Any) -> bool:
   return isinstance(node, ScaleByAmsgradState)
+
+
+def _amsgrad_states(state: Any) -> list[ScaleByAmsgradState]:
+  """Every :class:`ScaleByAmsgradState` in ``state``, in ``jax.tree.leaves`` order."""
+  return [x for x in jax.tree.leaves(state, is_leaf=_is_amsgrad_state) if _is_amsgrad_state(x)]
+
+
+def _copied(leaf: Any) -> Any:
+  if not isinstance(leaf, jax.Array):
+    return leaf
+  return jax.device_put(leaf, leaf.sharding, may_alias=False)
+
+
+def _has_blockwise(state: ScaleByAmsgradState) -> bool:
+  moments = [getattr(state, field) for field in MOMENTS]
+  return any(is_blockwise(x) for x in jax.tree.leaves(moments, is_leaf=is_blockwise))
+
+
+def _check_rules_for_8_bits(tx: Any) -> None:
+  """Raise ``ValueError`` unless every update rule in ``tx`` keeps the maximum of ``v``
+  itself, against which an 8-bit ``nu`` is stored and read back."""
+  conventions = _conventions_in(tx)
+  if not conventions:
+    raise ValueError(
+      "converting to or from 8-bit (blockwise8) state reads the update rule from tx, and "
+      "none was found inside it: build tx from amsgrad, amsgradw or scale_by_amsgrad, "
+      "alone or inside Optax's wrappers (chain, masked, partition, MultiSteps, "
+      "inject_hyperparams)."
+    )
+  half = jnp.asarray(0.5, jnp.float32)
+  for convention in sorted(conventions):
+    if RULES[convention].coefficients(half, half).nu_scale != 1.0:
+      raise ValueError(
+        f'8-bit (blockwise8) state under convention="{convention}" stores nu against the '
+        "maximum of the bias-corrected second moment, which depends on the step: convert "
+        "it through a float mu_dtype and nu_dtype."
+      )
+
+
+def _conventions_in(tx: Any, depth: int = 12) -> set[str]:
+  """The update rules of every :func:`~amsgrad_jax.scale_by_amsgrad` inside ``tx``: on
+  its update function, or, inside ``optax.inject_hyperparams``, in the arguments the
+  inner optimizer is built from."""
+  found: set[str] = set()
+  seen: set[int] = set()
+
+  def visit(obj: Any, depth: int) -> None:
+    if depth < 0 or id(obj) in seen:
+      return
+    seen.add(id(obj))
+    options = getattr(obj, OPTIONS_ATTRIBUTE, None)
+    if options is not None:
+      found.add(options.convention)
+      return
+    if isinstance(obj, functools.partial):
+      for child in (obj.func, *obj.args, *obj.keywords.values()):
+        visit(child, depth - 1)
+    elif isinstance(obj, dict):
+      for child in obj.values():
+        visit(child, depth - 1)
+    elif isinstance(obj, list | tuple):
+      for child in obj:
+        visit(child, depth - 1)
+    elif inspect.ismethod(obj):
+      visit(vars(obj.__self__), depth - 1)
+    elif inspect.isfunction(obj):
+      closure = {
+        name: cell.cell_contents
+        for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=True)
+        if _filled(cell)
+      }
+      _injected_convention(closure, found)
+      for child in closure.values():
+        visit(child, depth - 1)
+    elif isinstance(obj, optax.MultiSteps):
+      visit(vars(obj), depth - 1)
+
+  visit(tx, depth)
+  return found
+
+
+def _injected_convention(closure: dict[str, Any], found: set[str]) -> None:
+  """The rule of the optimizer ``optax.inject_hyperparams`` builds, from its closure:
+  ``convention`` among the arguments it holds, or the factory's default."""
+  factory, held = closure.get("inner_factory"), closure.get("other_hps")
+  if factory is None or not isinstance(held, dict):
+    return
+  try:
+    parameter = inspect.signature(factory).parameters.get("convention")
+  except (TypeError, ValueError):
+    return
+  if parameter is None:
+    return
+  convention = held.get("convention", parameter.default)
+  if isinstance(convention, str) and convention in RULES:
+    found.add(convention)
+
+
+def _filled(cell: Any) -> bool:
+  try:
+    cell.cell_contents  # noqa: B018
+  except ValueError:
+    return False
+  return True
 
 
 def _tree(moment: Any) -> Any:
@@ -111,9 +227,12 @@ def _is_masked_or_blockwise(node: Any) -> bool:
   return isinstance(node, optax.MaskedNode) or is_blockwise(node)
 
 
-def _converted(source: ScaleByAmsgradState, target: ScaleByAmsgradState) -> ScaleByAmsgradState:
-  """``source``'s values stored as ``target`` (a fresh state of the new optimizer) is."""
-  from amsgrad_jax.interop import _state
+def _converted(
+  source: ScaleByAmsgradState, target: ScaleByAmsgradState, names: list[str]
+) -> ScaleByAmsgradState:
+  """``source``'s values stored as ``target`` (a fresh state of the new optimizer) is;
+  ``names`` are the parameters' key paths, for the errors."""
+  from amsgrad_jax.interop import _state  # the storage rules the interop shares
 
   values = _state.decoded(source._replace(**{f: _tree(getattr(source, f)) for f in MOMENTS}))
   columns = {field: _leaves(getattr(values, field))[0] for field in MOMENTS}
@@ -125,12 +244,13 @@ def _converted(source: ScaleByAmsgradState, target: ScaleByAmsgradState) -> Scal
     )
   stored: dict[str, list[Any]] = {field: [] for field in MOMENTS}
   for index, template in enumerate(zip(*(templates[f][0] for f in MOMENTS), strict=True)):
+    name = names[index] if len(names) == len(templates["mu"][0]) else f"leaf {index}"
     old = [columns[field][index] for field in MOMENTS]
     masked = isinstance(template[0], optax.MaskedNode)
     if masked != isinstance(old[0], optax.MaskedNode):
       raise ValueError(
-        f"leaf {index} of the parameters is masked in {'tx' if masked else 'opt_state'} "
-        "only: convert_state needs the same optax.masked masks on both sides."
+        f"the parameter {name} is masked in {'tx' if masked else 'opt_state'} only: "
+        "convert_state needs the same optax.masked masks on both sides."
       )
     if masked:
       new = dict(zip(MOMENTS, template, strict=True))
@@ -138,8 +258,8 @@ def _converted(source: ScaleByAmsgradState, target: ScaleByAmsgradState) -> Scal
       shape, wanted = np.shape(old[0]), _shape(template[0])
       if shape != wanted:
         raise ValueError(
-          f"leaf {index} of opt_state's moments has shape {shape}, and tx's for these "
-          f"parameters has shape {wanted}."
+          f"the moments of {name} in opt_state have shape {shape}, and tx's for these "
+          f"parameters have shape {wanted}."
         )
       arrays = {field: np.asarray(value) for field, value in zip(MOMENTS, old, strict=True)}
       new = _state.stored_like(arrays, dict(zip(MOMENTS, template, strict=True)))

@@ -15,6 +15,9 @@ from amsgrad_jax._flat import FlatLayout, FlatMoment, flat_zeros
 from amsgrad_jax._options import TransformOptions, built_from
 from amsgrad_jax._rules import Coefficients, Rule, amsgrad_step, scaled
 
+# The attribute of scale_by_amsgrad's update function that holds its options.
+OPTIONS_ATTRIBUTE = "amsgrad_jax_transform_options"
+
 
 class ScaleByAmsgradState(NamedTuple):
   """State of :func:`scale_by_amsgrad`.
@@ -343,6 +346,7 @@ def transformation(options: TransformOptions) -> optax.GradientTransformation:
     new_state = ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
     return jax.tree.unflatten(treedef, columns[0]), new_state
 
+  setattr(update_fn, OPTIONS_ATTRIBUTE, options)  # how convert_state finds the rule
   return optax.GradientTransformation(init_fn, update_fn)
 
 

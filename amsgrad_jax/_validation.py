@@ -142,7 +142,8 @@ def canonical_state_dtype(name: str, dtype: Any) -> Any:
     raise ValueError(
       f"{name} got an array ({dtype.dtype}{list(dtype.shape)}), not a dtype. Under "
       f"optax.inject_hyperparams a scalar type such as jnp.bfloat16 is callable and is "
-      f"called as a schedule: pass jnp.dtype('bfloat16'), or name {name} in static_args."
+      f"called as a schedule: pass jnp.dtype('{dtype.dtype.name}'), or name {name} in "
+      "static_args."
     )
   try:
     canonical = jnp.dtype(dtype)

@@ -103,8 +103,19 @@ def test_a_state_converted_to_its_own_storage_keeps_its_values(storage, flat):
     values = (lambda m: m) if storage != "8-bit" else bw.dequantize
     for x, y in zip(leaves(a), leaves(b), strict=True):
       np.testing.assert_array_equal(values(x), values(y))
-  for x, y in zip(leaves(old.nu), leaves(new.nu), strict=True):
-    np.testing.assert_array_equal(codes_or_values(x), codes_or_values(y))
+  for x, y in zip(nu_values(old), nu_values(new), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_a_fresh_8_bit_state_converts_to_itself():
+  tx = eight_bit()
+  state = tx.init(PARAMS)
+  old, new = amsgrad_state(state), amsgrad_state(convert_state(tx, PARAMS, state))
+  for field in ("mu", "nu_max"):
+    for x, y in zip(leaves(getattr(old, field)), leaves(getattr(new, field)), strict=True):
+      np.testing.assert_array_equal(bw.dequantize(x), bw.dequantize(y))
+  for x, y in zip(nu_values(old), nu_values(new), strict=True):
+    np.testing.assert_array_equal(x, y)  # 0 where the maximum is 0, whatever the code
 
 
 def leaves(moment):
@@ -113,8 +124,14 @@ def leaves(moment):
   return jax.tree.leaves(moment, is_leaf=bw.is_blockwise)
 
 
-def codes_or_values(x):
-  return x.codes if bw.is_blockwise(x) else x
+def nu_values(state):
+  """The second moment each leaf of ``state`` holds (decoded against its maximum)."""
+  values = []
+  for nu, nu_max in zip(leaves(state.nu), leaves(state.nu_max), strict=True):
+    if bw.is_blockwise(nu):
+      nu = bw.dequantize_nu(nu, bw.dequantize(nu_max), 1.0)
+    values.append(np.asarray(nu))
+  return values
 
 
 @pytest.mark.native_cpu
@@ -180,6 +197,63 @@ def test_everything_else_in_the_state_is_carried_over():
   assert int(moments.count) == 1  # one whole MultiSteps step of 3 has been taken
   new_params = optax.apply_updates(params, jax.jit(new_tx.update)(params, converted, params)[0])
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new_params))
+  expected = np.asarray(state.acc_grads["w"])
+  for leaf in jax.tree.leaves(state):  # as donating the old state to a step would
+    leaf.delete()
+  np.testing.assert_array_equal(converted.acc_grads["w"], expected)  # a copy, intact
+
+
+def eight_bit_inside(wrapper):
+  """An 8-bit optimizer and its float32 twin, built into one of Optax's wrappers."""
+  fmt = blockwise8()
+
+  def build(**storage):
+    if wrapper == "inject_hyperparams":
+      injected = optax.inject_hyperparams(amsgrad_jax.amsgradw)
+      return injected(learning_rate=1e-2, convention="keras", **storage)
+    alias = amsgrad_jax.amsgrad(1e-2, **storage)
+    if wrapper == "chain":
+      return optax.chain(optax.clip_by_global_norm(1.0), alias)
+    if wrapper == "masked":
+      return optax.masked(alias, {"w": True, "b": False})
+    if wrapper == "partition":
+      other = amsgrad_jax.amsgradw(1e-3, convention="paper", **storage)
+      return optax.partition({"a": alias, "b": other}, {"w": "a", "b": "b"})
+    if wrapper == "skip_nonfinite":
+      return amsgrad_jax.skip_nonfinite(alias, max_consecutive_errors=3)
+    return optax.MultiSteps(alias, 2)
+
+  return build(), build(mu_dtype=fmt, nu_dtype=fmt)
+
+
+@pytest.mark.parametrize(
+  "wrapper",
+  ["chain", "masked", "partition", "skip_nonfinite", "MultiSteps", "inject_hyperparams"],
+)
+@jax.numpy_dtype_promotion("standard")  # MultiSteps itself mixes int and float
+def test_8_bit_conversions_find_the_rule_inside_optax_wrappers(wrapper):
+  wide, small = eight_bit_inside(wrapper)
+  params, state = trained(wide, steps=4)
+  converted = convert_state(small, params, state)
+  assert jax.tree.structure(converted) == jax.tree.structure(small.init(params))
+  pairs = zip(all_amsgrad_states(state), all_amsgrad_states(converted), strict=True)
+  checked = 0
+  for old, new in pairs:
+    for x, y in zip(leaves(old.nu_max), leaves(new.nu_max), strict=True):
+      if isinstance(y, optax.MaskedNode):
+        continue
+      assert np.all(np.asarray(bw.dequantize(y)) >= np.asarray(x))
+      checked += 1
+  assert checked >= 1
+  back = convert_state(wide, params, converted)
+  for old, new in zip(all_amsgrad_states(converted), all_amsgrad_states(back), strict=True):
+    assert int(old.count) == int(new.count)
+  jax.jit(small.update)(grads_at(0, params), converted, params)
+
+
+def all_amsgrad_states(state):
+  found = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, amsgrad_jax.ScaleByAmsgradState))
+  return [x for x in found if isinstance(x, amsgrad_jax.ScaleByAmsgradState)]
 
 
 @pytest.mark.host_devices
@@ -195,6 +269,12 @@ def test_converted_state_is_placed_like_the_new_optimizers():
   for moment in (converted.mu, converted.nu, converted.nu_max):
     assert moment["w"].codes.sharding.spec == P("data", "model")
     assert moment["w"].exponents.sharding.spec == P("data", "model")
+  flat_tx = eight_bit(flat_state=True)
+  flat = amsgrad_state(convert_state(flat_tx, params, state))
+  fresh = amsgrad_state(flat_tx.init(params))
+  for moment, like in zip((flat.mu, flat.nu_max), (fresh.mu, fresh.nu_max), strict=True):
+    for x, y in zip(jax.tree.leaves(moment.buffers), jax.tree.leaves(like.buffers), strict=True):
+      assert x.sharding == y.sharding
 
 
 def test_what_cannot_be_converted_is_refused_by_name():
@@ -205,14 +285,28 @@ def test_what_cannot_be_converted_is_refused_by_name():
   with pytest.raises(ValueError, match="holds no ScaleByAmsgradState"):
     convert_state(optax.adam(1e-2), params, state)
   other = {"w": jnp.zeros((4, 200)), "b": jnp.zeros((7,))}
-  with pytest.raises(ValueError, match=r"shape \(4, 300\).*\(4, 200\)"):
+  with pytest.raises(ValueError, match=r"\['w'\] in opt_state have shape \(4, 300\).*\(4, 200\)"):
     convert_state(amsgrad_jax.amsgrad(1e-2), other, state)
   with pytest.raises(ValueError, match='convention="optax"'):
     convert_state(eight_bit(convention="optax"), params, state)
-  eight_bit_chain = optax.chain(optax.clip(1.0), eight_bit())
-  with pytest.raises(ValueError, match="tx does not say"):
-    convert_state(eight_bit_chain, params, trained(clipped)[1])
+  injected = optax.inject_hyperparams(amsgrad_jax.amsgrad)
+  fmt = blockwise8()
+  optax_rule = injected(learning_rate=1e-2, convention="optax", mu_dtype=fmt, nu_dtype=fmt)
+  with pytest.raises(ValueError, match='convention="optax"'):
+    convert_state(optax_rule, params, trained(injected(learning_rate=1e-2))[1])
+
+  class Hidden:  # a wrapper whose functions say nothing of what they wrap
+    def __init__(self, method):
+      self.method = method
+
+    def __call__(self, *args):
+      return self.method(*args)
+
+  small = eight_bit()
+  hidden = optax.GradientTransformation(Hidden(small.init), Hidden(small.update))
+  with pytest.raises(ValueError, match="reads the update rule from tx, and none was found"):
+    convert_state(hidden, params, state)
   masks = [{"w": True, "b": True}, {"w": True, "b": False}]
   one, two = (optax.masked(amsgrad_jax.amsgrad(1e-2), mask) for mask in masks)
-  with pytest.raises(ValueError, match="masked in tx only"):
+  with pytest.raises(ValueError, match=r"parameter \['b'\] is masked in tx only"):
     convert_state(two, params, trained(one)[1])
