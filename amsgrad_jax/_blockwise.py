@@ -447,7 +447,7 @@ def moment_leaves(moment: Any) -> list[Any]:
   return jax.tree.leaves(moment, is_leaf=is_blockwise)
 
 
-def _is_unwrapped(x: Any) -> bool:
+def is_unwrapped(x: Any) -> bool:
   """A mapping of exactly ``codes`` (``uint8``) and ``exponents`` (``int8``) arrays: a
   :class:`Blockwise8Array` whose static fields were dropped on the way (see
   :func:`rewrapped`). A parameter subtree whose two leaves happen to be called so holds
@@ -469,16 +469,16 @@ def rewrapped(moment: Any, fmt: Any, kind: str) -> Any:
   built with restores them. ``moment`` is returned unchanged when ``fmt`` is not a
   :class:`Blockwise8` or nothing needs restoring."""
   if not isinstance(fmt, Blockwise8) or not any(
-    _is_unwrapped(x) for x in jax.tree.leaves(moment, is_leaf=_is_unwrapped)
+    is_unwrapped(x) for x in jax.tree.leaves(moment, is_leaf=is_unwrapped)
   ):
     return moment
 
   def restore(x: Any) -> Any:
-    if not _is_unwrapped(x):
+    if not is_unwrapped(x):
       return x
     return Blockwise8Array(x["codes"], x["exponents"], fmt.block_size, kind)
 
-  return jax.tree.map(restore, moment, is_leaf=_is_unwrapped)
+  return jax.tree.map(restore, moment, is_leaf=is_unwrapped)
 
 
 def shapes_of(moment: Any) -> Any:

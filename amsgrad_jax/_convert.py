@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from amsgrad_jax import _blockwise
 from amsgrad_jax._blockwise import is_blockwise
 from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._rules import RULES
@@ -223,6 +224,10 @@ def _leaves(moment: Any) -> tuple[list[Any], Any]:
   return jax.tree.flatten(moment, is_leaf=_is_masked_or_blockwise)
 
 
+def _stops_at_8_bits(node: Any) -> bool:
+  return is_blockwise(node) or _blockwise.is_unwrapped(node)
+
+
 def _is_masked_or_blockwise(node: Any) -> bool:
   return isinstance(node, optax.MaskedNode) or is_blockwise(node)
 
@@ -234,6 +239,13 @@ def _converted(
   ``names`` are the parameters' key paths, for the errors."""
   from amsgrad_jax.interop import _state  # the storage rules the interop shares
 
+  held = [getattr(source, field) for field in MOMENTS]
+  if any(_blockwise.is_unwrapped(x) for x in jax.tree.leaves(held, is_leaf=_stops_at_8_bits)):
+    raise ValueError(
+      "opt_state holds an 8-bit moment as a mapping of its codes and exponents (as "
+      "nnx.update leaves it), without its block size: make each one a "
+      "Blockwise8Array(codes, exponents, block_size, kind) again before converting."
+    )
   values = _state.decoded(source._replace(**{f: _tree(getattr(source, f)) for f in MOMENTS}))
   columns = {field: _leaves(getattr(values, field))[0] for field in MOMENTS}
   templates = {field: _leaves(_tree(getattr(target, field))) for field in MOMENTS}

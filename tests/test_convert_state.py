@@ -306,6 +306,15 @@ def test_what_cannot_be_converted_is_refused_by_name():
   hidden = optax.GradientTransformation(Hidden(small.init), Hidden(small.update))
   with pytest.raises(ValueError, match="reads the update rule from tx, and none was found"):
     convert_state(hidden, params, state)
+  eight = eight_bit()
+  params8, state8 = trained(eight)
+  as_nnx_leaves_them = jax.tree.map(
+    lambda x: {"codes": x.codes, "exponents": x.exponents} if bw.is_blockwise(x) else x,
+    state8,
+    is_leaf=bw.is_blockwise,
+  )
+  with pytest.raises(ValueError, match="mapping of its codes and exponents"):
+    convert_state(amsgrad_jax.amsgrad(1e-2), params8, as_nnx_leaves_them)
   masks = [{"w": True, "b": True}, {"w": True, "b": False}]
   one, two = (optax.masked(amsgrad_jax.amsgrad(1e-2), mask) for mask in masks)
   with pytest.raises(ValueError, match=r"parameter \['b'\] is masked in tx only"):
