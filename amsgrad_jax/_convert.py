@@ -27,6 +27,7 @@ import optax
 
 from amsgrad_jax import _blockwise
 from amsgrad_jax._blockwise import is_blockwise
+from amsgrad_jax._closures import closure_of
 from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._rules import RULES
 from amsgrad_jax._transform import OPTIONS_ATTRIBUTE, ScaleByAmsgradState
@@ -173,11 +174,7 @@ def _conventions_in(tx: Any, depth: int = 12) -> set[str]:
     elif inspect.ismethod(obj):
       visit(vars(obj.__self__), depth - 1)
     elif inspect.isfunction(obj):
-      closure = {
-        name: cell.cell_contents
-        for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=True)
-        if _filled(cell)
-      }
+      closure = closure_of(obj)
       _injected_convention(closure, found)
       for child in closure.values():
         visit(child, depth - 1)
@@ -203,14 +200,6 @@ def _injected_convention(closure: dict[str, Any], found: set[str]) -> None:
   convention = held.get("convention", parameter.default)
   if isinstance(convention, str) and convention in RULES:
     found.add(convention)
-
-
-def _filled(cell: Any) -> bool:
-  try:
-    cell.cell_contents  # noqa: B018
-  except ValueError:
-    return False
-  return True
 
 
 def _tree(moment: Any) -> Any:

@@ -31,6 +31,7 @@ import optax
 from amsgrad_jax import _guard, _numerics
 from amsgrad_jax._aliases import OPTIONS_ATTRIBUTE
 from amsgrad_jax._blockwise import Blockwise8
+from amsgrad_jax._closures import closure_of
 from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._native._alias_step import GradScale, alias_check, alias_step
 from amsgrad_jax._native._plan import Fallback, Plan, plan
@@ -503,18 +504,10 @@ def contains_alias(tx: Any, depth: int = 8) -> bool:
     if inspect.ismethod(obj):
       return visit(vars(obj.__self__), depth - 1)
     if inspect.isfunction(obj):
-      cells = [cell.cell_contents for cell in obj.__closure__ or () if _filled(cell)]
+      cells = list(closure_of(obj).values())
       return any(visit(v, depth - 1) for v in cells)
     if isinstance(obj, optax.MultiSteps):
       return visit(vars(obj), depth - 1)
     return False
 
   return visit(tx, depth)
-
-
-def _filled(cell: Any) -> bool:
-  try:
-    cell.cell_contents  # noqa: B018
-  except ValueError:
-    return False
-  return True
