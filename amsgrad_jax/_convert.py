@@ -21,7 +21,6 @@ import inspect
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -137,9 +136,8 @@ def _check_rules_for_8_bits(tx: Any) -> None:
       "alone or inside Optax's wrappers (chain, masked, partition, MultiSteps, "
       "inject_hyperparams)."
     )
-  half = jnp.asarray(0.5, jnp.float32)
   for convention in sorted(conventions):
-    if RULES[convention].coefficients(half, half).nu_scale != 1.0:
+    if not RULES[convention].maximum_of_raw_v:
       raise ValueError(
         f'8-bit (blockwise8) state under convention="{convention}" stores nu against the '
         "maximum of the bias-corrected second moment, which depends on the step: convert "

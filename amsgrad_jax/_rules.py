@@ -104,6 +104,14 @@ class Rule:
   bias_correction_from_double: bool
   matches: str
 
+  @property
+  def maximum_of_raw_v(self) -> bool:
+    """Whether the running maximum is of ``v_t`` itself (``a = 1`` at every step), so
+    that an 8-bit ``nu``, stored against it, reads back without knowing the step."""
+    half = jnp.asarray(0.5, jnp.float32)
+    scale = self.coefficients(half, half).nu_scale
+    return isinstance(scale, float) and scale == 1.0
+
 
 RULES: dict[str, Rule] = {
   "pytorch": Rule("pytorch", pytorch, True, True, "torch.optim.Adam(amsgrad=True)"),

@@ -211,8 +211,7 @@ def check_blockwise_rules(tx: optax.GradientTransformation, opt_state: Any) -> N
       "build tx with amsgrad, amsgradw or optimizer_from_torch / optimizer_from_keras."
     )
   for options in groups:
-    half = jnp.asarray(0.5, jnp.float32)
-    if options.rule.coefficients(half, half).nu_scale != 1.0:
+    if not options.rule.maximum_of_raw_v:
       raise ValueError(
         f'8-bit (blockwise8) state under convention="{options.convention}" keeps the '
         "maximum of the bias-corrected second moment, which the frameworks do not: "
