@@ -16,7 +16,6 @@ through Optax's wrappers by what their functions close over.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
@@ -26,7 +25,7 @@ import optax
 
 from amsgrad_jax import _blockwise
 from amsgrad_jax._blockwise import is_blockwise
-from amsgrad_jax._closures import closure_of
+from amsgrad_jax._closures import closure_of, reachable
 from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._rules import RULES
 from amsgrad_jax._transform import OPTIONS_ATTRIBUTE, ScaleByAmsgradState
@@ -150,36 +149,12 @@ def _conventions_in(tx: Any, depth: int = 12) -> set[str]:
   its update function, or, inside ``optax.inject_hyperparams``, in the arguments the
   inner optimizer is built from."""
   found: set[str] = set()
-  seen: set[int] = set()
-
-  def visit(obj: Any, depth: int) -> None:
-    if depth < 0 or id(obj) in seen:
-      return
-    seen.add(id(obj))
+  for obj in reachable(tx, depth):
     options = getattr(obj, OPTIONS_ATTRIBUTE, None)
     if options is not None:
       found.add(options.convention)
-      return
-    if isinstance(obj, functools.partial):
-      for child in (obj.func, *obj.args, *obj.keywords.values()):
-        visit(child, depth - 1)
-    elif isinstance(obj, dict):
-      for child in obj.values():
-        visit(child, depth - 1)
-    elif isinstance(obj, list | tuple):
-      for child in obj:
-        visit(child, depth - 1)
-    elif inspect.ismethod(obj):
-      visit(vars(obj.__self__), depth - 1)
     elif inspect.isfunction(obj):
-      closure = closure_of(obj)
-      _injected_convention(closure, found)
-      for child in closure.values():
-        visit(child, depth - 1)
-    elif isinstance(obj, optax.MultiSteps):
-      visit(vars(obj), depth - 1)
-
-  visit(tx, depth)
+      _injected_convention(closure_of(obj), found)
   return found
 
 

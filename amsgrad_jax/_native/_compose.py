@@ -18,7 +18,6 @@ costs the one read pass that computing the norm needs.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import optax
 from amsgrad_jax import _guard, _numerics
 from amsgrad_jax._aliases import OPTIONS_ATTRIBUTE
 from amsgrad_jax._blockwise import Blockwise8
-from amsgrad_jax._closures import closure_of
+from amsgrad_jax._closures import reachable
 from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._native._alias_step import GradScale, alias_check, alias_step
 from amsgrad_jax._native._plan import Fallback, Plan, plan
@@ -483,31 +482,10 @@ def contains_alias(tx: Any, depth: int = 8) -> bool:
   attributes and containers), for deciding whether a fallback deserves a warning."""
   from amsgrad_jax._aliases import amsgrad, amsgradw  # what inject_hyperparams holds
 
-  seen: set[int] = set()
-
-  def visit(obj: Any, depth: int) -> bool:
-    if depth < 0 or id(obj) in seen:
-      return False
-    seen.add(id(obj))
-    if obj is amsgrad or obj is amsgradw:
-      return True
-    if isinstance(obj, functools.partial):
-      return visit(obj.func, depth - 1)
-    if isinstance(getattr(obj, OPTIONS_ATTRIBUTE, None), AliasOptions):
-      return True
-    if isinstance(getattr(obj, "options", None), AliasOptions):
-      return True
-    if isinstance(obj, dict):
-      return any(visit(v, depth - 1) for v in obj.values())
-    if isinstance(obj, list | tuple):
-      return any(visit(v, depth - 1) for v in obj)
-    if inspect.ismethod(obj):
-      return visit(vars(obj.__self__), depth - 1)
-    if inspect.isfunction(obj):
-      cells = list(closure_of(obj).values())
-      return any(visit(v, depth - 1) for v in cells)
-    if isinstance(obj, optax.MultiSteps):
-      return visit(vars(obj), depth - 1)
-    return False
-
-  return visit(tx, depth)
+  return any(
+    obj is amsgrad
+    or obj is amsgradw
+    or isinstance(getattr(obj, OPTIONS_ATTRIBUTE, None), AliasOptions)
+    or isinstance(getattr(obj, "options", None), AliasOptions)
+    for obj in reachable(tx, depth)
+  )
