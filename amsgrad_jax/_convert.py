@@ -29,8 +29,14 @@ from amsgrad_jax._closures import closure_of, reachable
 from amsgrad_jax._flat import FlatMoment
 from amsgrad_jax._rules import RULES
 from amsgrad_jax._transform import OPTIONS_ATTRIBUTE, ScaleByAmsgradState
-
-MOMENTS = ("mu", "nu", "nu_max")
+from amsgrad_jax.interop._state import (
+  MOMENTS,
+  decoded,
+  has_blockwise,
+  is_masked_or_blockwise,
+  placed,
+  stored_like,
+)
 
 
 def convert_state(tx: optax.GradientTransformation, params: Any, opt_state: Any) -> Any:
@@ -90,7 +96,7 @@ def convert_state(tx: optax.GradientTransformation, params: Any, opt_state: Any)
       "convert_state changes how the moments are stored, not the optimizer."
     )
   sources = _amsgrad_states(opt_state)
-  if any(_has_blockwise(state) for state in (*sources, *targets)):
+  if any(has_blockwise(state) for state in (*sources, *targets)):
     _check_rules_for_8_bits(tx)
   names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
   new_states = iter(
@@ -117,11 +123,6 @@ def _copied(leaf: Any) -> Any:
   if not isinstance(leaf, jax.Array):
     return leaf
   return jax.device_put(leaf, leaf.sharding, may_alias=False)
-
-
-def _has_blockwise(state: ScaleByAmsgradState) -> bool:
-  moments = [getattr(state, field) for field in MOMENTS]
-  return any(is_blockwise(x) for x in jax.tree.leaves(moments, is_leaf=is_blockwise))
 
 
 def _check_rules_for_8_bits(tx: Any) -> None:
@@ -183,15 +184,11 @@ def _tree(moment: Any) -> Any:
 
 
 def _leaves(moment: Any) -> tuple[list[Any], Any]:
-  return jax.tree.flatten(moment, is_leaf=_is_masked_or_blockwise)
+  return jax.tree.flatten(moment, is_leaf=is_masked_or_blockwise)
 
 
 def _stops_at_8_bits(node: Any) -> bool:
   return is_blockwise(node) or _blockwise.is_unwrapped(node)
-
-
-def _is_masked_or_blockwise(node: Any) -> bool:
-  return isinstance(node, optax.MaskedNode) or is_blockwise(node)
 
 
 def _converted(
@@ -199,8 +196,6 @@ def _converted(
 ) -> ScaleByAmsgradState:
   """``source``'s values stored as ``target`` (a fresh state of the new optimizer) is;
   ``names`` are the parameters' key paths, for the errors."""
-  from amsgrad_jax.interop import _state  # the storage rules the interop shares
-
   held = [getattr(source, field) for field in MOMENTS]
   if any(_blockwise.is_unwrapped(x) for x in jax.tree.leaves(held, is_leaf=_stops_at_8_bits)):
     raise ValueError(
@@ -208,7 +203,7 @@ def _converted(
       "nnx.update leaves it), without its block size: make each one a "
       "Blockwise8Array(codes, exponents, block_size, kind) again before converting."
     )
-  values = _state.decoded(source._replace(**{f: _tree(getattr(source, f)) for f in MOMENTS}))
+  values = decoded(source._replace(**{f: _tree(getattr(source, f)) for f in MOMENTS}))
   columns = {field: _leaves(getattr(values, field))[0] for field in MOMENTS}
   templates = {field: _leaves(_tree(getattr(target, field))) for field in MOMENTS}
   treedef = templates["mu"][1]
@@ -236,14 +231,14 @@ def _converted(
           f"parameters have shape {wanted}."
         )
       arrays = {field: np.asarray(value) for field, value in zip(MOMENTS, old, strict=True)}
-      new = _state.stored_like(arrays, dict(zip(MOMENTS, template, strict=True)))
+      new = stored_like(arrays, dict(zip(MOMENTS, template, strict=True)))
     for field in MOMENTS:
       stored[field].append(new[field])
   moments = {
     field: _relaid(jax.tree.unflatten(treedef, stored[field]), getattr(target, field))
     for field in MOMENTS
   }
-  count = _state.placed(np.asarray(source.count, np.asarray(target.count).dtype), target.count)
+  count = placed(np.asarray(source.count, np.asarray(target.count).dtype), target.count)
   return ScaleByAmsgradState(count=count, **moments)
 
 
@@ -256,9 +251,4 @@ def _relaid(moment: Any, like: Any) -> Any:
   if not isinstance(like, FlatMoment):
     return moment
   packed = FlatMoment.pack(like.layout, jax.tree.leaves(moment, is_leaf=is_blockwise))
-  placed = jax.tree.map(
-    lambda new, old: jax.device_put(new, old.sharding) if hasattr(old, "sharding") else new,
-    packed.buffers,
-    like.buffers,
-  )
-  return FlatMoment(placed, like.layout)
+  return FlatMoment(jax.tree.map(placed, packed.buffers, like.buffers), like.layout)

@@ -190,11 +190,11 @@ def _is_masked(node: Any) -> bool:
   return isinstance(node, optax.MaskedNode)
 
 
-def _is_masked_or_blockwise(node: Any) -> bool:
+def is_masked_or_blockwise(node: Any) -> bool:
   return _is_masked(node) or is_blockwise(node)
 
 
-def _has_blockwise(state: ScaleByAmsgradState) -> bool:
+def has_blockwise(state: ScaleByAmsgradState) -> bool:
   return any(is_blockwise(x) for x in jax.tree.leaves(state, is_leaf=is_blockwise))
 
 
@@ -202,7 +202,7 @@ def check_blockwise_rules(tx: optax.GradientTransformation, opt_state: Any) -> N
   """Raise ``ValueError`` unless every :func:`~amsgrad_jax.blockwise8` moment of
   ``opt_state`` can be converted: ``tx`` says its rules, and each keeps the maximum of
   ``v`` itself, against which ``nu`` is stored (see the module's docstring)."""
-  if not any(_has_blockwise(state) for state in amsgrad_states(opt_state)):
+  if not any(has_blockwise(state) for state in amsgrad_states(opt_state)):
     return
   groups = groups_of(tx)
   if groups is None:
@@ -254,7 +254,7 @@ def stored_like(values: dict[str, np.ndarray], templates: dict[str, Any]) -> dic
 def decoded(state: ScaleByAmsgradState) -> ScaleByAmsgradState:
   """``state`` with every :func:`~amsgrad_jax.blockwise8` moment as the float32 values it
   stores (``a`` is 1, see :func:`check_blockwise_rules`)."""
-  if not _has_blockwise(state):
+  if not has_blockwise(state):
     return state
 
   def values(mu: Any, nu: Any, nu_max: Any) -> tuple[Any, Any, Any]:
@@ -266,9 +266,9 @@ def decoded(state: ScaleByAmsgradState) -> ScaleByAmsgradState:
     return mu, nu, nu_max
 
   leaves = [
-    jax.tree.leaves(getattr(state, field), is_leaf=_is_masked_or_blockwise) for field in MOMENTS
+    jax.tree.leaves(getattr(state, field), is_leaf=is_masked_or_blockwise) for field in MOMENTS
   ]
-  treedef = jax.tree.structure(state.mu, is_leaf=_is_masked_or_blockwise)
+  treedef = jax.tree.structure(state.mu, is_leaf=is_masked_or_blockwise)
   columns = list(zip(*(values(*leaf) for leaf in zip(*leaves, strict=True)), strict=True))
   return state._replace(
     **{
@@ -286,7 +286,7 @@ def _moment_leaves(state: ScaleByAmsgradState, field: str, treedef: Any) -> list
       "the interop conversions read and write the default state layout; build the "
       "optimizer without flat_state=True (the numbers are the same)."
     )
-  leaves, structure = jax.tree.flatten(moment, is_leaf=_is_masked_or_blockwise)
+  leaves, structure = jax.tree.flatten(moment, is_leaf=is_masked_or_blockwise)
   if structure != treedef:
     raise ValueError(
       f"the optimizer state holds an AMSGrad {field} that is not shaped like the "
