@@ -37,7 +37,7 @@ def trained(tx, steps=6, params=PARAMS):
 
 
 def amsgrad_state(state):
-  (found,) = [s for s in state if isinstance(s, amsgrad_jax.ScaleByAmsgradState)]
+  (found,) = all_amsgrad_states(state)
   return found
 
 
